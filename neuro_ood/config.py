@@ -1,0 +1,197 @@
+"""Experiment configuration: typed sections read from YAML, with ``key=value`` overrides.
+
+A config file mirrors :class:`ExperimentConfig`; unknown keys are refused so that a typo never
+silently falls back to a default. Overrides use dotted keys (``training.steps=200``) and YAML
+values (``model.channels=[16,32,64]``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from neuro_ood.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    """How a cohort is read and split.
+
+    ``age_column``: candidate column names, the first present is used. ``age_unit``: ``auto``
+    (the JSON sidecar's ``Units``, else months for ABCD's ``interview_age``, else years), or one
+    of years/months/weeks/days. ``inlier_ages``: inclusive range in years of the normative group.
+    """
+
+    age_column: list[str] = field(default_factory=lambda: ["age", "interview_age"])
+    age_unit: str = "auto"
+    inlier_ages: list[float] = field(default_factory=lambda: [9.0, 11.0])
+    heldout_fraction: float = 0.2
+    split_seed: int = 0
+
+
+@dataclass
+class PreprocessingConfig:
+    """T1 (ABCD/EBDS) or BRATS preprocessing; every field enters the preprocessing fingerprint.
+
+    ``spacing_mm``: common voxel size after reorientation to RAS. ``slice_offsets``: axial slices
+    taken at these offsets (voxels at ``spacing_mm``) from the centre of the brain's axial extent.
+    ``slice_fit``: ``pad`` centres the brain in a ``slice_size`` field of view at ``spacing_mm``
+    (keeps head size, an age cue); ``resize`` interpolates the cropped brain to ``slice_size``.
+    """
+
+    preset: str = "t1"
+    spacing_mm: list[float] = field(default_factory=lambda: [2.0, 2.0, 2.0])
+    n4: bool = False
+    n4_shrink: int = 2
+    n4_iterations: list[int] = field(default_factory=lambda: [50, 50, 30])
+    foreground_fraction: float = 0.1
+    intensity_percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
+    slice_offsets: list[int] = field(default_factory=lambda: [-2, 0, 2])
+    slice_size: list[int] = field(default_factory=lambda: [90, 110])
+    slice_fit: str = "pad"
+    modalities: list[str] = field(default_factory=lambda: ["t1", "t1ce", "t2", "flair"])
+    min_tumour_voxels: int = 10
+    min_brain_fraction: float = 0.05
+
+
+@dataclass
+class ModelConfig:
+    """Noise-conditional score network and its noise schedule (L geometric sigmas)."""
+
+    backbone: str = "unet"
+    channels: list[int] = field(default_factory=lambda: [32, 64, 128, 256])
+    strides: list[int] = field(default_factory=lambda: [2, 2, 2])
+    num_res_units: int = 1
+    sigma_max: float = 1.0
+    sigma_min: float = 0.01
+    num_sigmas: int = 10
+
+
+@dataclass
+class TrainingConfig:
+    steps: int = 200_000
+    batch_size: int = 32
+    lr: float = 1e-3
+    seed: int = 2019
+    checkpoint_every: int = 1000
+    device: str = "auto"
+    feature_batch_size: int = 64
+
+
+@dataclass
+class ScoreConfig:
+    """``primary``: scorer whose flag is the scan's flag; ``tpr``: inlier rate kept unflagged."""
+
+    primary: str = "gmm"
+    tpr: float = 0.95
+
+
+def _default_scorers() -> dict[str, dict[str, Any]]:
+    return {"gmm": {}, "flow": {}, "kdtree": {}}
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "msma"
+    dataset: str = "abcd"
+    data: DataConfig = field(default_factory=DataConfig)
+    preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    scorers: dict[str, dict[str, Any]] = field(default_factory=_default_scorers)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _build(cls, values: dict[str, Any], where: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {values!r}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(where + k for k in unknown)}; "
+                          f"valid: {', '.join(sorted(known))}")
+    kwargs = {}
+    for name, value in values.items():
+        sub = known[name].type
+        sub_cls = globals().get(sub) if isinstance(sub, str) else sub
+        if dataclasses.is_dataclass(sub_cls):
+            kwargs[name] = _build(sub_cls, value, f"{where}{name}.")
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``"a.b=3"`` -> ``{"a": {"b": 3}}`` with the value parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({err.problem})") from None
+    nested: dict[str, Any] = value
+    for part in reversed(key.strip().split(".")):
+        if not part:
+            raise ConfigError(f"override {text!r} has an empty key part")
+        nested = {part: nested}
+    return nested
+
+
+def builtin_config_path(name: str) -> Path:
+    """Path of a config shipped with the package (``configs/<name>.yaml``)."""
+    path = Path(str(resources.files("neuro_ood.configs").joinpath(f"{name}.yaml")))
+    if not path.is_file():
+        shipped = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise ConfigError(f"no built-in config {name!r}; shipped: {', '.join(shipped)}")
+    return path
+
+
+def read_config_dict(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        # A bare name such as "msma_quick" picks a shipped config.
+        if path.suffix == "" and path.parent == Path("."):
+            path = builtin_config_path(path.name)
+        else:
+            raise ConfigError(f"config file {path} not found")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return values
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
+                base: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Read a YAML config (or a shipped config by name), apply ``key=value`` overrides."""
+    values = dict(base or {})
+    if path is not None:
+        values = _deep_merge(values, read_config_dict(path))
+    for text in overrides:
+        values = _deep_merge(values, parse_override(text))
+    return config_from_dict(values)
+
+
+def config_from_dict(values: dict[str, Any]) -> ExperimentConfig:
+    return _build(ExperimentConfig, values, "")

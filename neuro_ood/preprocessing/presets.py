@@ -1,0 +1,89 @@
+"""Preprocessing presets: a scan file in, a stack of 2-D slices out.
+
+``t1`` (ABCD / EBDS): reorient to RAS -> resample to ``spacing_mm`` -> optional N4 -> crop to
+the head -> percentile intensity scaling to [0, 1] -> axial slices at ``slice_offsets`` ->
+``slice_size`` by padding/cropping (``pad``) or interpolation (``resize``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import (Compose, CropForeground, Orientation, Resize, ResizeWithPadOrCrop,
+                              ScaleIntensityRangePercentiles, Spacing)
+
+from neuro_ood.config import PreprocessingConfig
+from neuro_ood.data.nifti import load_volume
+from neuro_ood.errors import ConfigError, ScanError
+from neuro_ood.preprocessing.transforms import AxialSlices, N4BiasFieldCorrection, RelativeThreshold
+
+# Bump when a preset's code changes its output, so that old checkpoints and caches are refused.
+PREPROCESSING_VERSION = 1
+
+
+def preprocessing_fingerprint(cfg: PreprocessingConfig) -> str:
+    """Short hash of everything that shapes the preprocessed tensors (config + code version)."""
+    payload = json.dumps({"version": PREPROCESSING_VERSION, **dataclasses.asdict(cfg)}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def volume_transforms(cfg: PreprocessingConfig, channel_wise: bool = False) -> Compose:
+    """MONAI chain for a ``(C, X, Y, Z)`` MetaTensor: RAS, spacing, N4, head crop, [0, 1] scaling."""
+    low, high = cfg.intensity_percentiles
+    steps = [Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+             Spacing(pixdim=cfg.spacing_mm, mode="bilinear", dtype=np.float32)]
+    if cfg.n4:
+        steps.append(N4BiasFieldCorrection(shrink=cfg.n4_shrink, iterations=cfg.n4_iterations))
+    steps += [
+        CropForeground(select_fn=RelativeThreshold(cfg.foreground_fraction), margin=1, allow_smaller=True),
+        ScaleIntensityRangePercentiles(low, high, b_min=0.0, b_max=1.0, clip=True, channel_wise=channel_wise),
+    ]
+    return Compose(steps)
+
+
+def slice_fit(cfg: PreprocessingConfig):
+    if cfg.slice_fit == "pad":
+        return ResizeWithPadOrCrop(cfg.slice_size)
+    if cfg.slice_fit == "resize":
+        return Resize(cfg.slice_size, mode="bilinear")
+    raise ConfigError(f"preprocessing.slice_fit must be 'pad' or 'resize', got {cfg.slice_fit!r}")
+
+
+def to_metatensor(data: np.ndarray, affine: np.ndarray) -> MetaTensor:
+    """``(X, Y, Z)`` or ``(C, X, Y, Z)`` array + (4, 4) affine -> channel-first MetaTensor."""
+    array = data[None] if data.ndim == 3 else data
+    return MetaTensor(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)),
+                      affine=torch.from_numpy(affine))
+
+
+class T1SlicePreprocessor:
+    """A T1w NIfTI file -> float32 slices ``(S, 1, H, W)`` in [0, 1], ``(H, W) = slice_size``."""
+
+    def __init__(self, cfg: PreprocessingConfig):
+        if cfg.preset != "t1":
+            raise ConfigError(f"T1SlicePreprocessor needs preprocessing.preset 't1', got {cfg.preset!r}")
+        self.cfg = cfg
+        self.volume = volume_transforms(cfg)
+        self.slices = AxialSlices(cfg.slice_offsets)
+        self.fit = slice_fit(cfg)
+
+    @property
+    def fingerprint(self) -> str:
+        return preprocessing_fingerprint(self.cfg)
+
+    def __call__(self, path: str | Path) -> np.ndarray:
+        data, affine = load_volume(path)
+        volume = self.volume(to_metatensor(data, affine))
+        try:
+            slices = self.slices(volume)
+        except ValueError as err:
+            raise ScanError(path, str(err)) from None
+        fitted = self.fit(torch.as_tensor(slices).flatten(0, 1))  # slices as channels: same geometry
+        out = torch.as_tensor(fitted).reshape(len(slices), -1, *self.cfg.slice_size)
+        return out.numpy().astype(np.float32)

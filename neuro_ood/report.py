@@ -1,0 +1,50 @@
+"""Rich tables of evaluation metrics and scan scores (the report stage)."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from rich.table import Table
+
+METRIC_COLUMNS = (("auroc", "AUROC"), ("aupr_in", "AUPR-in"), ("aupr_out", "AUPR-out"),
+                  ("fpr_at_95_tpr", "FPR95"), ("detection_error", "DetErr"), ("fpr_at_80_tpr", "FPR80"))
+CAPTION = ("inliers positive; higher is better for AUROC/AUPR, lower for FPR at 95%/80% TPR "
+           "and detection error")
+
+
+def metrics_tables(metrics: dict[str, Any]) -> list[Table]:
+    """One table per scorer: a row per group, the paper's metrics in percent."""
+    groups = metrics["groups"]
+    scorers = list(next(iter(groups.values()))["scorers"]) if groups else []
+    n_in = metrics.get("inliers", {}).get("n", "?")
+    tables = []
+    for scorer in scorers:
+        table = Table(title=f"MSMA {scorer}: held-out inliers (n={n_in}) vs age group, per scan, %",
+                      caption=CAPTION)
+        table.add_column("age (y)", justify="right")
+        table.add_column("n", justify="right")
+        for _, header in METRIC_COLUMNS:
+            table.add_column(header, justify="right")
+        for group, entry in groups.items():
+            values = entry["scorers"][scorer]
+            table.add_row(group, str(entry["n"]), *(f"{100 * values[k]:.1f}" for k, _ in METRIC_COLUMNS))
+        tables.append(table)
+    return tables
+
+
+def scores_table(results: Iterable[Any]) -> Table:
+    """A row per scan: each scorer's score with its percentile among held-out inliers, and the flag."""
+    results = list(results)
+    table = Table(title="neuro-ood scores", caption="score (percentile among held-out inliers); "
+                  "low = atypical; the flag is the primary scorer's 95%-TPR threshold")
+    table.add_column("scan", overflow="fold")
+    scorers = list(results[0].scores) if results else []
+    for name in scorers:
+        table.add_column(name, justify="right", no_wrap=True)
+    table.add_column("flag", no_wrap=True)
+    for result in results:
+        cells = [result.path]
+        cells += [f"{result.scores[n]:.2f} ({result.percentiles[n]:.0f}%)" for n in scorers]
+        cells.append(f"[bold red]ATYPICAL[/] ({result.primary})" if result.flagged else "typical")
+        table.add_row(*cells)
+    return table

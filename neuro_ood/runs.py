@@ -1,0 +1,115 @@
+"""Run directories: everything needed to score with a trained detector, in safe formats.
+
+    RUN/config.yaml          resolved experiment config
+    RUN/preprocessing.json   preprocessing config and its fingerprint
+    RUN/split.json           train / held-out inlier subjects
+    RUN/model.safetensors    score-network weights; RUN/model.json their metadata
+    RUN/train_state.pt       optimiser state and step (torch.load(weights_only=True))
+    RUN/scorers.*            fitted auxiliary scorers (safetensors + JSON)
+    RUN/reference.json       held-out inlier scan scores and flag thresholds
+    RUN/metrics.json         evaluation results
+
+Weights made with other preprocessing than the config in use are refused.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from neuro_ood.backbones.ncsn import NoiseConditionalScoreNet, geometric_sigmas
+from neuro_ood.config import ExperimentConfig, ModelConfig, config_from_dict, read_config_dict
+from neuro_ood.errors import RunError
+from neuro_ood.io import atomic_write, read_json, write_json, write_yaml
+from neuro_ood.preprocessing.presets import preprocessing_fingerprint
+from neuro_ood.training import TrainState
+
+
+def build_score_network(cfg: ModelConfig, in_channels: int, spatial_dims: int = 2) -> NoiseConditionalScoreNet:
+    return NoiseConditionalScoreNet(spatial_dims=spatial_dims, in_channels=in_channels, backbone=cfg.backbone,
+                                    channels=cfg.channels, strides=cfg.strides, num_res_units=cfg.num_res_units,
+                                    sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max)
+
+
+def sigmas_of(cfg: ModelConfig) -> torch.Tensor:
+    return geometric_sigmas(cfg.sigma_max, cfg.sigma_min, cfg.num_sigmas)
+
+
+class RunDir:
+    """A run directory on disk; methods read and write its parts atomically."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def _require(self, name: str, what: str) -> Path:
+        path = self.file(name)
+        if not path.is_file():
+            raise RunError(f"{self.path}: no {name} ({what}); is this a trained run directory?")
+        return path
+
+    # -- config ------------------------------------------------------------------------------
+    def save_config(self, cfg: ExperimentConfig) -> None:
+        write_yaml(self.file("config.yaml"), cfg.to_dict())
+        write_json(self.file("preprocessing.json"), {
+            "fingerprint": preprocessing_fingerprint(cfg.preprocessing),
+            "preprocessing": cfg.to_dict()["preprocessing"]})
+
+    def load_config(self) -> ExperimentConfig:
+        return config_from_dict(read_config_dict(self._require("config.yaml", "the run's config")))
+
+    # -- split / reference / metrics -----------------------------------------------------------
+    def save_split(self, train: list[str], heldout: list[str]) -> None:
+        write_json(self.file("split.json"), {"train": train, "heldout": heldout})
+
+    def load_split(self) -> dict[str, list[str]]:
+        return read_json(self._require("split.json", "the subject split"))
+
+    def save_reference(self, reference: dict[str, Any]) -> None:
+        write_json(self.file("reference.json"), reference)
+
+    def load_reference(self) -> dict[str, Any]:
+        return read_json(self._require("reference.json", "the held-out inlier reference"))
+
+    def save_metrics(self, metrics: dict[str, Any]) -> None:
+        write_json(self.file("metrics.json"), metrics)
+
+    # -- model ------------------------------------------------------------------------------
+    def save_model(self, model: torch.nn.Module, cfg: ExperimentConfig, in_channels: int, step: int) -> None:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        with atomic_write(self.file("model.safetensors")) as tmp:
+            save_file(state, str(tmp))
+        write_json(self.file("model.json"), {
+            "preprocessing_fingerprint": preprocessing_fingerprint(cfg.preprocessing),
+            "model": cfg.to_dict()["model"], "in_channels": in_channels, "spatial_dims": 2, "step": step})
+
+    def load_model(self, cfg: ExperimentConfig, device: torch.device | str = "cpu") -> NoiseConditionalScoreNet:
+        """The trained network; refused if it was made with other preprocessing than ``cfg``'s."""
+        meta = read_json(self._require("model.json", "the score network's metadata"))
+        expected = preprocessing_fingerprint(cfg.preprocessing)
+        if meta["preprocessing_fingerprint"] != expected:
+            raise RunError(
+                f"{self.path}: the checkpoint was made with other preprocessing (fingerprint "
+                f"{meta['preprocessing_fingerprint']}, this config gives {expected}); "
+                "score with the run's own preprocessing settings or train a new run")
+        model = build_score_network(config_from_dict({"model": meta["model"]}).model, meta["in_channels"],
+                                    meta["spatial_dims"])
+        weights = load_file(str(self._require("model.safetensors", "the score network's weights")))
+        model.load_state_dict(weights)
+        return model.to(device).eval()
+
+    def save_train_state(self, state: TrainState) -> None:
+        with atomic_write(self.file("train_state.pt")) as tmp:
+            torch.save({"step": state.step, "optimizer": state.optimizer}, tmp)
+
+    def load_train_state(self) -> TrainState | None:
+        path = self.file("train_state.pt")
+        if not path.is_file():
+            return None
+        saved = torch.load(path, weights_only=True, map_location="cpu")
+        return TrainState(step=int(saved["step"]), optimizer=saved["optimizer"])

@@ -1,0 +1,130 @@
+"""The CLI end to end on a tiny synthetic cohort, and every kind of bad input."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from neuro_ood.cli.main import app
+from tests.conftest import TINY_OVERRIDES
+from tests.test_nifti import write_bad_files
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result
+
+
+def tiny_sets():
+    return [arg for override in TINY_OVERRIDES for arg in ("--set", override)]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_cohort, tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    result = invoke("train", "--dataset", "abcd", "--data-dir", tiny_cohort, "--config", "msma_quick",
+                    *tiny_sets(), "--out", run)
+    assert result.exit_code == 0, result.output
+    return run
+
+
+def test_train_writes_a_complete_run(trained_run):
+    for name in ("config.yaml", "preprocessing.json", "split.json", "model.safetensors", "model.json",
+                 "train_state.pt", "scorers.safetensors", "scorers.json", "reference.json"):
+        assert (trained_run / name).is_file(), name
+    split = json.loads((trained_run / "split.json").read_text())
+    assert not set(split["train"]) & set(split["heldout"])
+    reference = json.loads((trained_run / "reference.json").read_text())
+    assert set(reference["scorers"]) == {"gmm", "flow", "kdtree"}
+    assert len(reference["scorers"]["gmm"]["scores"]) == len(split["heldout"])
+
+
+def test_evaluate_by_age_writes_metrics_json(trained_run, tiny_cohort):
+    result = invoke("evaluate", "--run", trained_run, "--data-dir", tiny_cohort, "--group-by", "age")
+    assert result.exit_code == 0, result.output
+    assert "AUROC" in result.output
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    assert set(metrics["groups"]) == {"1", "6"}
+    for group in metrics["groups"].values():
+        assert group["n"] == 4
+        assert set(group["scorers"]) == {"gmm", "flow", "kdtree"}
+        for values in group["scorers"].values():
+            for key in ("auroc", "aupr_in", "aupr_out", "fpr_at_95_tpr", "detection_error"):
+                assert 0.0 <= values[key] <= 1.0
+
+
+def test_score_json_gives_scores_percentiles_and_flags(trained_run, tiny_cohort):
+    scans = sorted(tiny_cohort.glob("sub-*/anat/*.nii.gz"))[:2]
+    result = invoke("score", *scans, "--run", trained_run, "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert len(payload["scans"]) == 2 and payload["failed"] == []
+    for entry in payload["scans"]:
+        assert set(entry["scores"]) == {"gmm", "flow", "kdtree"}
+        assert all(0 <= p <= 100 for p in entry["percentiles"].values())
+        assert isinstance(entry["flagged"], bool)
+
+
+def test_score_bad_inputs_one_line_each_and_good_ones_still_scored(trained_run, tiny_cohort, tmp_path):
+    cases = write_bad_files(tmp_path)
+    good = sorted(tiny_cohort.glob("sub-*/anat/*.nii.gz"))[0]
+    result = invoke("score", good, *(tmp_path / name for name in cases), "--run", trained_run, "--json")
+    assert result.exit_code == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == len(cases)
+    assert "Traceback" not in result.output
+    payload = json.loads(result.stdout)
+    assert [entry["path"] for entry in payload["scans"]] == [str(good)]
+    assert len(payload["failed"]) == len(cases)
+
+
+@pytest.mark.parametrize("name", ["truncated.nii.gz", "corrupt.nii.gz", "slice2d.nii.gz", "series4d.nii.gz",
+                                  "nan.nii.gz", "constant.nii.gz", "text.nii.gz"])
+def test_score_single_bad_file_exits_2_with_one_line(trained_run, tmp_path, name):
+    expected = write_bad_files(tmp_path)[name]
+    result = invoke("score", tmp_path / name, "--run", trained_run)
+    assert result.exit_code == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip() and "━" not in line]
+    assert lines == [line for line in lines if line.startswith("error:")] and len(lines) == 1
+    assert expected in lines[0]
+
+
+def test_scoring_with_other_preprocessing_is_refused(trained_run, tiny_cohort, tmp_path):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(trained_run, copy)
+    config = (copy / "config.yaml").read_text().replace("n4: false", "n4: true")
+    (copy / "config.yaml").write_text(config)
+    scan = sorted(tiny_cohort.glob("sub-*/anat/*.nii.gz"))[0]
+    result = invoke("score", scan, "--run", copy)
+    assert result.exit_code == 2
+    assert "other preprocessing" in result.stderr and "Traceback" not in result.output
+
+
+def test_train_resumes_from_its_checkpoint(trained_run, tiny_cohort):
+    result = invoke("train", "--data-dir", tiny_cohort, "--config", "msma_quick", *tiny_sets(),
+                    "--set", "training.steps=14", "--out", trained_run)
+    assert result.exit_code == 0, result.output
+    assert "resuming from step 12" in result.stderr
+    assert json.loads((trained_run / "model.json").read_text())["step"] == 14
+
+
+def test_user_errors_are_one_line(tmp_path, tiny_cohort):
+    result = invoke("train", "--data-dir", tmp_path, "--out", tmp_path / "run")
+    assert result.exit_code == 2 and result.stderr.startswith("error:") and "no sub-" in result.stderr
+    result = invoke("train", "--data-dir", tiny_cohort, "--out", tmp_path / "run", "--set", "model.chanels=[1]")
+    assert result.exit_code == 2 and "unknown config key" in result.stderr
+    result = invoke("score", tiny_cohort / "participants.tsv", "--run", tmp_path / "nothing")
+    assert result.exit_code == 2 and "config.yaml" in result.stderr
+
+
+def test_synth_command_writes_a_bids_cohort(tmp_path):
+    result = invoke("synth", tmp_path / "c", "--inliers", "2", "--ages", "1,2", "--per-age", "1",
+                    "--seed", "1", "--resolution", "4")
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "c").glob("sub-*/anat/*_T1w.nii.gz"))) == 4
+    assert "age" in (tmp_path / "c" / "participants.tsv").read_text()
