@@ -5,7 +5,7 @@ out-of-distribution detection): a detector is trained on 9-11-year-olds (ABCD) a
 younger children (EBDS, 1, 2, 4 and 6 years) as atypical, with the youngest easiest to flag.
 
 Age model. An immaturity index ``d = age_deviation(age)`` is 1 at one year and decays
-exponentially (time constant 2.5 years) to about 0.02-0.04 at 9-11 years. It drives the two
+exponentially (time constant 3.5 years) to about 0.06-0.10 at 9-11 years. It drives the two
 dominant effects of early brain development seen on T1w images:
 
 * brain size: the brain is scaled about its centre by ``1 - 0.18 d`` (a 1-year-old brain is
@@ -17,8 +17,9 @@ Every subject, inlier or not, also gets nuisance variation so that 9-11-year-old
 themselves: a rigid pose (rotation up to 4 degrees per axis, translation up to 4 mm), a smooth
 random deformation (up to 3 mm), a global scale jitter (3%), tissue intensity jitter (3%), a
 smooth multiplicative bias field (up to 10%) and Rician noise (2-3% of the WM intensity).
-A 6-year-old (``d = 0.14``) is then only ~2% smaller with ~3% lower contrast than an inlier,
-which is comparable to the nuisance spread, whereas a 1-year-old is far outside it.
+A 6-year-old (``d = 0.24``) is then ~3% smaller in linear size with ~4% lower contrast than a
+10-year-old (``d = 0.08``), about two nuisance standard deviations, whereas a 1-year-old is far
+outside the inlier range; the paper's gradation (1 y easiest, 6 y hardest) follows.
 
 Volumes are stored in a random axis orientation (RAS, LAS or LPS) with a matching affine, so
 that the world-space image does not depend on it.
@@ -37,7 +38,7 @@ from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
 TEMPLATE_MM = 2.0
-AGE_TAU_YEARS = 2.5
+AGE_TAU_YEARS = 3.5
 MAX_SHRINK = 0.18
 WM_GM_RATIO_ADULT = 1.38
 WM_GM_RATIO_INFANT = 1.05
@@ -47,7 +48,7 @@ ORIENTATIONS = {"RAS": (), "LAS": (0,), "LPS": (0, 1)}
 
 
 def age_deviation(age_years: float) -> float:
-    """Immaturity index in [0, 1]: 1 at (or below) 1 year, ``exp(-(age - 1) / 2.5)`` above."""
+    """Immaturity index in [0, 1]: 1 at (or below) 1 year, ``exp(-(age - 1) / AGE_TAU_YEARS)`` above."""
     return float(min(1.0, np.exp(-(float(age_years) - 1.0) / AGE_TAU_YEARS)))
 
 
