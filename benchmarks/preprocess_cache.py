@@ -18,8 +18,9 @@ def main():
         synthesize_t1(10.0, np.random.default_rng(0)).to_filename(scan)
         preprocess = T1SlicePreprocessor(PreprocessingConfig())
         cache = PreprocessedCache(Path(tmp) / "cache", preprocess.fingerprint)
-        cache.get_or_compute(scan, preprocess)
-        cached = best_of(lambda: cache.get_or_compute(scan, preprocess), repeats=5)
+        compute = lambda: {"slices": preprocess(scan)}
+        cache.get_or_compute([scan], compute)
+        cached = best_of(lambda: cache.get_or_compute([scan], compute), repeats=5)
         full = best_of(lambda: preprocess(scan), repeats=5)
         report("preprocess one scan from the cache", cached, full, "full pipeline")
 

@@ -45,33 +45,37 @@ def handles_errors(command):
 @app.command()
 @handles_errors
 def train(
-    dataset: str = typer.Option("abcd", "--dataset", help="Dataset preset (abcd: T1, inliers aged 9-11)."),
-    data_dir: Path = typer.Option(..., "--data-dir", help="BIDS folder or CSV/TSV table of scans and ages."),
+    dataset: str = typer.Option("abcd", "--dataset", help="abcd: T1 scans, inliers by age; brats: tumour-free slices."),
+    data_dir: Path = typer.Option(..., "--data-dir", help="BIDS folder, CSV/TSV table of scans, or BraTS cases."),
     out: Path = typer.Option(..., "--out", help="Run directory to create (or resume)."),
-    config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML config file or shipped name."),
+    model: Optional[str] = typer.Option(None, "--model", help="msma (default) or glow."),
+    config: Optional[str] = typer.Option(None, "--config", "-c",
+                                         help="YAML config file or shipped name (default: <model>_<dataset>)."),
     overrides: List[str] = typer.Option([], "--set", help="Override a config key, e.g. training.steps=500."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from OUT's last checkpoint."),
     cache_dir: Optional[Path] = CacheOption,
 ):
-    """Train an MSMA detector (NCSN + GMM/flow/KD-tree scorers) on a normative cohort."""
+    """Train a detector (MSMA or Glow) on the inliers of a cohort and store it in a run directory."""
     from neuro_ood.config import load_config
+    from neuro_ood.errors import ConfigError
     from neuro_ood.pipelines.train import train as run_train
 
-    if dataset != "abcd":
-        fail(f"--dataset {dataset!r} is not supported yet; use 'abcd' (T1 scans, age-defined inliers)")
-    cfg = load_config(config or "msma_abcd", [f"dataset={dataset}", *overrides])
+    cfg = load_config(config or f"{model or 'msma'}_{dataset}", [f"dataset={dataset}", *overrides])
+    if model is not None and cfg.method != model:
+        raise ConfigError(f"--model {model} but config {config} is a {cfg.method} config")
     summary = run_train(cfg, data_dir, out, cache_dir=cache_dir, console=err_console, resume=resume)
-    out_console.print(f"run saved to [bold]{summary.run}[/]: {summary.n_train_scans} training scans "
-                      f"({summary.n_train_slices} slices), {summary.n_heldout_scans} held out, "
-                      f"{summary.steps} steps, loss {summary.final_loss:.2f}, {summary.seconds:.0f} s")
+    unit = "scans" if dataset == "abcd" else "slices"
+    out_console.print(f"{summary.method} run saved to [bold]{summary.run}[/]: {summary.n_train_items} training "
+                      f"{unit} ({summary.n_train_slices} slices), {summary.n_heldout_items} held out, "
+                      f"{summary.steps} steps, loss {summary.final_loss:.3g}, {summary.seconds:.0f} s")
     if summary.failures:
-        out_console.print(f"[yellow]{len(summary.failures)} scan(s) skipped[/] (listed above)")
+        out_console.print(f"[yellow]{len(summary.failures)} input(s) skipped[/] (listed above)")
 
 
 @app.command()
 @handles_errors
 def score(
-    scans: List[Path] = typer.Argument(..., help="NIfTI scans to score."),
+    scans: List[Path] = typer.Argument(..., help="NIfTI scans to score (BraTS runs: case folders)."),
     run: Path = typer.Option(..., "--run", help="Run directory from `neuro-ood train`."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     cache_dir: Optional[Path] = CacheOption,
@@ -98,10 +102,11 @@ def score(
 def evaluate(
     run: Path = typer.Option(..., "--run", help="Run directory from `neuro-ood train`."),
     data_dir: Path = typer.Option(..., "--data-dir", help="Cohort holding the outlier groups."),
-    group_by: str = typer.Option("age", "--group-by", help="How to group scans (age)."),
+    group_by: Optional[str] = typer.Option(None, "--group-by",
+                                           help="Grouping: age (T1 cohorts, default) or tumour (BraTS, default)."),
     cache_dir: Optional[Path] = CacheOption,
 ):
-    """Held-out inliers against each age group: metric tables and RUN/metrics.json."""
+    """Held-out inliers against each group (age; tumour): metric tables and RUN/metrics.json."""
     from neuro_ood.pipelines.evaluate import evaluate as run_evaluate
     from neuro_ood.report import metrics_tables
 

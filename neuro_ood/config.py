@@ -61,7 +61,14 @@ class PreprocessingConfig:
 
 @dataclass
 class ModelConfig:
-    """Noise-conditional score network and its noise schedule (L geometric sigmas)."""
+    """The backbone of a method.
+
+    MSMA: a noise-conditional score network (``backbone`` unet | diffusion_unet, ``channels``,
+    ``strides``, ``num_res_units``) and its noise schedule (L geometric sigmas).
+    Glow: ``n_scales`` × ``steps_per_scale`` flow steps with coupling width ``hidden``; ``lu``
+    (LU-decomposed 1×1 convolutions), ``learned_prior`` (conditional prior instead of independent
+    standard normals), ``general_run`` (a Glow run on a general domain, for the likelihood ratio).
+    """
 
     backbone: str = "unet"
     channels: list[int] = field(default_factory=lambda: [32, 64, 128, 256])
@@ -70,10 +77,19 @@ class ModelConfig:
     sigma_max: float = 1.0
     sigma_min: float = 0.01
     num_sigmas: int = 10
+    n_scales: int = 3
+    steps_per_scale: int = 32
+    hidden: int = 512
+    lu: bool = True
+    learned_prior: bool = False
+    general_run: str | None = None
 
 
 @dataclass
 class TrainingConfig:
+    """Optimisation. MSMA: Adam at ``lr``. Glow: Adamax at ``lr`` with ``weight_decay``, linear
+    warm-up over ``warmup_steps``, ``augment`` (translate, flip) by up to ``max_shift`` pixels."""
+
     steps: int = 200_000
     batch_size: int = 32
     lr: float = 1e-3
@@ -81,6 +97,10 @@ class TrainingConfig:
     checkpoint_every: int = 1000
     device: str = "auto"
     feature_batch_size: int = 64
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    augment: list[str] = field(default_factory=list)
+    max_shift: int = 2
 
 
 @dataclass
@@ -97,7 +117,10 @@ def _default_scorers() -> dict[str, dict[str, Any]]:
 
 @dataclass
 class ExperimentConfig:
+    """``method``: ``msma`` (score network + auxiliary scorers) or ``glow`` (per-scale likelihoods)."""
+
     name: str = "msma"
+    method: str = "msma"
     dataset: str = "abcd"
     data: DataConfig = field(default_factory=DataConfig)
     preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)

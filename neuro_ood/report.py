@@ -17,11 +17,13 @@ def metrics_tables(metrics: dict[str, Any]) -> list[Table]:
     groups = metrics["groups"]
     scorers = list(next(iter(groups.values()))["scorers"]) if groups else []
     n_in = metrics.get("inliers", {}).get("n", "?")
+    method = {"msma": "MSMA", "glow": "Glow"}.get(metrics.get("method", "msma"), metrics.get("method"))
+    group_by, unit = metrics.get("group_by", "age"), metrics.get("unit", "scan")
     tables = []
     for scorer in scorers:
-        table = Table(title=f"MSMA {scorer}: held-out inliers (n={n_in}) vs age group, per scan, %",
+        table = Table(title=f"{method} {scorer}: held-out inliers (n={n_in}) vs {group_by} group, per {unit}, %",
                       caption=CAPTION)
-        table.add_column("age (y)", justify="right")
+        table.add_column("age (y)" if group_by == "age" else group_by, justify="right")
         table.add_column("n", justify="right")
         for _, header in METRIC_COLUMNS:
             table.add_column(header, justify="right")

@@ -3,7 +3,7 @@
     RUN/config.yaml          resolved experiment config
     RUN/preprocessing.json   preprocessing config and its fingerprint
     RUN/split.json           train / held-out inlier subjects
-    RUN/model.safetensors    score-network weights; RUN/model.json their metadata
+    RUN/model.safetensors    network weights (score network or Glow); RUN/model.json their metadata
     RUN/train_state.pt       optimiser state and step (torch.load(weights_only=True))
     RUN/scorers.*            fitted auxiliary scorers (safetensors + JSON)
     RUN/reference.json       held-out inlier scan scores and flag thresholds
@@ -20,9 +20,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from neuro_ood.backbones.glow import Glow
 from neuro_ood.backbones.ncsn import NoiseConditionalScoreNet, geometric_sigmas
 from neuro_ood.config import ExperimentConfig, ModelConfig, config_from_dict, read_config_dict
-from neuro_ood.errors import RunError
+from neuro_ood.errors import ConfigError, RunError
 from neuro_ood.io import atomic_write, read_json, write_json, write_yaml
 from neuro_ood.preprocessing.presets import preprocessing_fingerprint
 from neuro_ood.training import TrainState
@@ -32,6 +33,20 @@ def build_score_network(cfg: ModelConfig, in_channels: int, spatial_dims: int = 
     return NoiseConditionalScoreNet(spatial_dims=spatial_dims, in_channels=in_channels, backbone=cfg.backbone,
                                     channels=cfg.channels, strides=cfg.strides, num_res_units=cfg.num_res_units,
                                     sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max)
+
+
+def build_glow(cfg: ModelConfig, in_channels: int) -> Glow:
+    return Glow(in_channels=in_channels, n_scales=cfg.n_scales, steps_per_scale=cfg.steps_per_scale,
+                hidden=cfg.hidden, lu=cfg.lu, learned_prior=cfg.learned_prior)
+
+
+def build_network(method: str, cfg: ModelConfig, in_channels: int, spatial_dims: int = 2) -> torch.nn.Module:
+    """The backbone of ``method`` (``msma``: score network, ``glow``: Glow) from its config."""
+    if method == "msma":
+        return build_score_network(cfg, in_channels, spatial_dims)
+    if method == "glow":
+        return build_glow(cfg, in_channels)
+    raise ConfigError(f"unknown method {method!r}; use 'msma' or 'glow'")
 
 
 def sigmas_of(cfg: ModelConfig) -> torch.Tensor:
@@ -80,26 +95,30 @@ class RunDir:
         write_json(self.file("metrics.json"), metrics)
 
     # -- model ------------------------------------------------------------------------------
-    def save_model(self, model: torch.nn.Module, cfg: ExperimentConfig, in_channels: int, step: int) -> None:
+    def save_model(self, model: torch.nn.Module, cfg: ExperimentConfig, in_channels: int, step: int,
+                   name: str = "model", spatial_dims: int = 2) -> None:
+        """``RUN/<name>.safetensors`` and ``RUN/<name>.json`` (method, architecture, step, fingerprint)."""
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        with atomic_write(self.file("model.safetensors")) as tmp:
+        with atomic_write(self.file(f"{name}.safetensors")) as tmp:
             save_file(state, str(tmp))
-        write_json(self.file("model.json"), {
-            "preprocessing_fingerprint": preprocessing_fingerprint(cfg.preprocessing),
-            "model": cfg.to_dict()["model"], "in_channels": in_channels, "spatial_dims": 2, "step": step})
+        write_json(self.file(f"{name}.json"), {
+            "method": cfg.method, "preprocessing_fingerprint": preprocessing_fingerprint(cfg.preprocessing),
+            "model": cfg.to_dict()["model"], "in_channels": in_channels, "spatial_dims": spatial_dims,
+            "step": step})
 
-    def load_model(self, cfg: ExperimentConfig, device: torch.device | str = "cpu") -> NoiseConditionalScoreNet:
+    def load_model(self, cfg: ExperimentConfig, device: torch.device | str = "cpu",
+                   name: str = "model") -> torch.nn.Module:
         """The trained network; refused if it was made with other preprocessing than ``cfg``'s."""
-        meta = read_json(self._require("model.json", "the score network's metadata"))
+        meta = read_json(self._require(f"{name}.json", "the network's metadata"))
         expected = preprocessing_fingerprint(cfg.preprocessing)
         if meta["preprocessing_fingerprint"] != expected:
             raise RunError(
                 f"{self.path}: the checkpoint was made with other preprocessing (fingerprint "
                 f"{meta['preprocessing_fingerprint']}, this config gives {expected}); "
                 "score with the run's own preprocessing settings or train a new run")
-        model = build_score_network(config_from_dict({"model": meta["model"]}).model, meta["in_channels"],
-                                    meta["spatial_dims"])
-        weights = load_file(str(self._require("model.safetensors", "the score network's weights")))
+        model_cfg = config_from_dict({"model": meta["model"]}).model
+        model = build_network(meta.get("method", "msma"), model_cfg, meta["in_channels"], meta["spatial_dims"])
+        weights = load_file(str(self._require(f"{name}.safetensors", "the network's weights")))
         model.load_state_dict(weights)
         return model.to(device).eval()
 

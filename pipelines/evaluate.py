@@ -1,4 +1,4 @@
-"""``neuro-ood evaluate``: held-out inliers against each age group of a cohort."""
+"""``neuro-ood evaluate``: held-out inliers against each group of a cohort (age groups; tumour)."""
 
 from __future__ import annotations
 
@@ -8,54 +8,55 @@ from typing import Any
 
 from rich.console import Console
 
-from neuro_ood.data.cohort import age_group, load_cohort
 from neuro_ood.errors import CohortError, ConfigError
 from neuro_ood.metrics import ood_metrics
-from neuro_ood.runs import RunDir, sigmas_of
-from neuro_ood.scorers import load_scorers
-from neuro_ood.training import resolve_device
-from neuro_ood.pipelines.common import extract_features, prepare_scans, scan_scores
-
-PAPER_METRICS = ("auroc", "aupr_in", "aupr_out", "fpr_at_95_tpr", "detection_error", "fpr_at_80_tpr")
+from neuro_ood.runs import RunDir
+from neuro_ood.pipelines.common import prepare_items, score_items
+from neuro_ood.pipelines.datasets import dataset_adapter
+from neuro_ood.pipelines.methods import method_class
 
 
-def evaluate(run_dir: str | Path, data_dir: str | Path, group_by: str = "age", cache_dir: str | Path | None = None,
-             console: Console | None = None) -> dict[str, Any]:
-    """Score every scan of ``data_dir`` whose subject the run never saw, grouped by age, against
-    the run's held-out inliers; write and return ``RUN/metrics.json``.
+def _group_order(group: str) -> tuple:
+    try:
+        return (0, float(group), group)
+    except ValueError:
+        return (1, 0.0, group)
 
-    Metrics are per scan (a scan's score is the mean of its slices' scores), inliers positive.
+
+def evaluate(run_dir: str | Path, data_dir: str | Path, group_by: str | None = None,
+             cache_dir: str | Path | None = None, console: Console | None = None) -> dict[str, Any]:
+    """Score the items of ``data_dir`` that the run neither trained on nor holds as its reference,
+    group them (``age`` for T1 cohorts, ``tumour`` for BraTS) and compare each group with the
+    run's held-out inliers (inliers positive); write and return ``RUN/metrics.json``.
     """
-    if group_by != "age":
-        raise ConfigError(f"--group-by {group_by!r} is not supported; use 'age'")
     console = console or Console(stderr=True)
     run = RunDir(run_dir)
     cfg = run.load_config()
-    model = run.load_model(cfg, resolve_device(cfg.training.device))
-    scorers = load_scorers(run.path)
+    adapter = dataset_adapter(cfg)
+    if group_by not in (None, adapter.group_by):
+        raise ConfigError(f"--group-by {group_by!r} is not available for dataset {cfg.dataset!r}; "
+                          f"use {adapter.group_by!r}")
+    method = method_class(cfg).load(run, cfg)
     reference = run.load_reference()
-    split = run.load_split()
-    seen = set(split["train"]) | set(split["heldout"])
-    scans = [s for s in load_cohort(data_dir, cfg.data) if s.subject not in seen and s.age_years is not None]
-    if not scans:
-        raise CohortError(f"{data_dir}: no scan with an age from a subject outside the run's split")
-    prepared = prepare_scans(scans, cfg.preprocessing, cache_dir, console, "preprocess groups")
-    features = extract_features(model, sigmas_of(cfg.model), prepared.slices, cfg.training.feature_batch_size,
-                                console, "score norms (groups)")
-    scores = scan_scores(scorers, features)
+    trained_on = set(run.load_split()["train"])
+    in_reference = set(reference["items"])
+    sources = [s for s in adapter.sources(data_dir) if s.subject not in trained_on]
+    prepared = prepare_items(adapter, sources, cache_dir, console, "preprocess groups")
+    items = [i for i in prepared.items if i.key not in in_reference and i.group is not None]
+    if not items:
+        raise CohortError(f"{data_dir}: nothing to evaluate — every item is in the run's training split or "
+                          f"reference, or has no {adapter.group_by}")
+    scores = score_items(method, items, console=console, description="score groups")
     members: dict[str, list[int]] = defaultdict(list)
-    for index, scan in enumerate(prepared.scans):
-        members[age_group(scan.age_years)].append(index)
-    groups = {}
-    for group in sorted(members, key=float):
-        index = members[group]
-        groups[group] = {"n": len(index), "scorers": {
-            name: ood_metrics(reference["scorers"][name]["scores"], values[index])
-            for name, values in scores.items()}}
+    for index, item in enumerate(items):
+        members[item.group].append(index)
+    groups = {group: {"n": len(members[group]), "scorers": {
+        name: ood_metrics(reference["scorers"][name]["scores"], values[members[group]])
+        for name, values in scores.items()}} for group in sorted(members, key=_group_order)}
     metrics = {
-        "run": str(run.path), "data_dir": str(data_dir), "unit": "scan", "group_by": group_by,
-        "inliers": {"n": len(reference["subjects"]),
-                    "ages": [float(a) for a in cfg.data.inlier_ages]},
+        "run": str(run.path), "data_dir": str(data_dir), "method": cfg.method, "dataset": cfg.dataset,
+        "unit": adapter.unit, "group_by": adapter.group_by,
+        "inliers": {"n": len(reference["items"])},
         "groups": groups,
         "failed": [{"path": p, "reason": r} for p, r in prepared.failures],
     }

@@ -31,8 +31,8 @@ def quickstart(out: str | Path, config: str = "msma_quick", overrides: Sequence[
         synth(data_dir, console=console, **cohort_args)
     cfg = load_config(config, overrides)
     summary = train(cfg, data_dir, out / "run", cache_dir=out / "cache", console=console)
-    console.print(f"trained on {summary.n_train_scans} scans ({summary.n_train_slices} slices), "
-                  f"{summary.n_heldout_scans} held out, {summary.steps} steps, final loss {summary.final_loss:.1f}")
+    console.print(f"trained on {summary.n_train_items} scans ({summary.n_train_slices} slices), "
+                  f"{summary.n_heldout_items} held out, {summary.steps} steps, final loss {summary.final_loss:.1f}")
     metrics = evaluate(out / "run", data_dir, cache_dir=out / "cache", console=console)
     metrics["seconds"] = time.perf_counter() - started
     return metrics

@@ -1,4 +1,4 @@
-"""The normative reference: held-out inlier scan scores, percentiles and flag thresholds."""
+"""The normative reference: held-out inlier item scores, percentiles and flag thresholds."""
 
 from __future__ import annotations
 
@@ -7,18 +7,18 @@ from typing import Any, Sequence
 import numpy as np
 from scipy.stats import percentileofscore
 
-from neuro_ood.data.cohort import Scan
+from neuro_ood.pipelines.datasets import Item
 
 
-def build_reference(scores: dict[str, np.ndarray], scans: Sequence[Scan], tpr: float) -> dict[str, Any]:
-    """Per scorer: the held-out inlier scan scores and the threshold that keeps ``tpr`` of them.
+def build_reference(scores: dict[str, np.ndarray], items: Sequence[Item], tpr: float) -> dict[str, Any]:
+    """Per score: the held-out inlier item scores and the threshold that keeps ``tpr`` of them.
 
-    A scan scoring below a scorer's threshold is flagged by it: on held-out inliers this flags
-    1 − ``tpr`` of scans (the 95%-TPR operating point of the MSMA paper by default).
+    An item scoring below a score's threshold is flagged by it: on held-out inliers this flags
+    1 − ``tpr`` of items (the 95%-TPR operating point of the MSMA paper by default).
     """
     return {
         "tpr": tpr,
-        "subjects": [s.key for s in scans],
+        "items": [item.key for item in items],
         "scorers": {name: {"scores": [float(v) for v in values],
                            "threshold": float(np.quantile(values, 1.0 - tpr))}
                     for name, values in scores.items()},

@@ -1,25 +1,25 @@
-"""``neuro-ood score``: score single scans against a trained run's normative reference."""
+"""``neuro-ood score``: score scans (or BraTS case folders) against a run's normative reference."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from rich.console import Console
 
-from neuro_ood.data.cohort import Scan
-from neuro_ood.runs import RunDir, sigmas_of
-from neuro_ood.scorers import load_scorers
-from neuro_ood.training import resolve_device
-from neuro_ood.pipelines.common import extract_features, prepare_scans, scan_scores
+from neuro_ood.errors import NeuroOODError
+from neuro_ood.runs import RunDir
+from neuro_ood.pipelines.common import prepare_items, score_items
+from neuro_ood.pipelines.datasets import dataset_adapter
+from neuro_ood.pipelines.methods import method_class
 from neuro_ood.pipelines.reference import is_flagged, percentile
 
 
 @dataclass
 class ScanResult:
-    """One scan's verdict. ``scores``: per scorer, higher = more typical; ``percentiles``: per
-    scorer, % of held-out inliers scoring at or below it; ``flagged``: the primary scorer's flag."""
+    """One item's verdict. ``scores``: higher = more typical; ``percentiles``: % of held-out inliers
+    scoring at or below it; ``flags``: below the 95%-TPR threshold; ``flagged``: the primary score's flag."""
 
     path: str
     scores: dict[str, float]
@@ -27,7 +27,6 @@ class ScanResult:
     flags: dict[str, bool]
     primary: str
     flagged: bool
-    slice_features: list[list[float]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -41,26 +40,27 @@ class ScoreReport:
 
 def score_scans(run_dir: str | Path, paths: Sequence[str | Path], cache_dir: str | Path | None = None,
                 console: Console | None = None) -> ScoreReport:
-    """Score each file with every auxiliary scorer of the run; bad files are reported, not fatal."""
+    """Score each input with every score of the run's method; bad inputs are reported, not fatal."""
     console = console or Console(stderr=True)
     run = RunDir(run_dir)
     cfg = run.load_config()
-    model = run.load_model(cfg, resolve_device(cfg.training.device))
-    scorers = load_scorers(run.path)
+    adapter = dataset_adapter(cfg)
+    method = method_class(cfg).load(run, cfg)
     reference = run.load_reference()
-    scans = [Scan(subject=Path(p).name, path=Path(p)) for p in paths]
-    prepared = prepare_scans(scans, cfg.preprocessing, cache_dir, console, "preprocess")
-    features = extract_features(model, sigmas_of(cfg.model), prepared.slices, cfg.training.feature_batch_size,
-                                console)
-    scores = scan_scores(scorers, features)
-    primary = cfg.score.primary if cfg.score.primary in scorers else next(iter(scorers))
+    sources, failures = [], []
+    for path in paths:
+        try:
+            sources.extend(adapter.sources_from_paths([path]))
+        except NeuroOODError as err:
+            failures.append((str(path), str(err)))
+    prepared = prepare_items(adapter, sources, cache_dir, console, "preprocess")
+    scores = score_items(method, prepared.items, console=console, description="score")
+    primary = cfg.score.primary if cfg.score.primary in scores else next(iter(scores), cfg.score.primary)
     results = []
-    for index, scan in enumerate(prepared.scans):
-        values = {name: float(scores[name][index]) for name in scorers}
+    for index, item in enumerate(prepared.items):
+        values = {name: float(scores[name][index]) for name in scores}
         flags = {name: is_flagged(reference, name, v) for name, v in values.items()}
-        results.append(ScanResult(
-            path=str(scan.path), scores=values,
-            percentiles={name: percentile(reference, name, v) for name, v in values.items()},
-            flags=flags, primary=primary, flagged=flags[primary],
-            slice_features=features[index].tolist()))
-    return ScoreReport(results=results, failures=prepared.failures)
+        results.append(ScanResult(path=item.label, scores=values,
+                                  percentiles={name: percentile(reference, name, v) for name, v in values.items()},
+                                  flags=flags, primary=primary, flagged=flags[primary]))
+    return ScoreReport(results=results, failures=failures + prepared.failures)

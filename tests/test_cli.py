@@ -39,7 +39,7 @@ def test_train_writes_a_complete_run(trained_run):
     assert not set(split["train"]) & set(split["heldout"])
     reference = json.loads((trained_run / "reference.json").read_text())
     assert set(reference["scorers"]) == {"gmm", "flow", "kdtree"}
-    assert len(reference["scorers"]["gmm"]["scores"]) == len(split["heldout"])
+    assert len(reference["scorers"]["gmm"]["scores"]) == len(split["heldout"]) == len(reference["items"])
 
 
 def test_evaluate_by_age_writes_metrics_json(trained_run, tiny_cohort):

@@ -85,18 +85,23 @@ def test_cache_hits_by_content_and_misses_on_other_fingerprint(tmp_path):
     source.write_bytes(b"scan")
     calls = []
 
-    def compute(path):
-        calls.append(path)
-        return np.ones((3, 1, 2, 2), np.float32) * len(calls)
+    def compute():
+        calls.append(1)
+        return {"slices": np.ones((3, 1, 2, 2), np.float32) * len(calls), "flags": np.array([True, False])}
 
     cache = PreprocessedCache(tmp_path / "cache", "fp1")
-    first = cache.get_or_compute(source, compute)
+    first = cache.get_or_compute([source], compute)
     copy = tmp_path / "renamed.bin"
     copy.write_bytes(b"scan")
-    np.testing.assert_array_equal(cache.get_or_compute(copy, compute), first)
-    assert len(calls) == 1
-    PreprocessedCache(tmp_path / "cache", "fp2").get_or_compute(source, compute)
+    again = cache.get_or_compute([copy], compute)
+    assert len(calls) == 1 and set(again) == {"slices", "flags"}
+    np.testing.assert_array_equal(again["slices"], first["slices"])
+    np.testing.assert_array_equal(again["flags"], [True, False])
+    PreprocessedCache(tmp_path / "cache", "fp2").get_or_compute([source], compute)
     assert len(calls) == 2
+    copy.write_bytes(b"edited scan")
+    cache.get_or_compute([copy], compute)
+    assert len(calls) == 3
 
 
 def test_n4_removes_a_smooth_bias_field():

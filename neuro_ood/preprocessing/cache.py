@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -19,16 +19,19 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "neuro-ood"
 
 
-def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
+def content_digest(paths: Sequence[str | Path], chunk: int = 1 << 20) -> str:
+    """SHA-256 over the contents of ``paths`` in order (one scan, or the files of one case)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
+    for path in paths:
+        with open(path, "rb") as handle:
+            while block := handle.read(chunk):
+                digest.update(block)
+        digest.update(b"\0")
     return digest.hexdigest()
 
 
 class PreprocessedCache:
-    """``root/<fingerprint>/<sha256 of the file>.safetensors``.
+    """``root/<fingerprint>/<sha256 of the files>.safetensors`` holding named arrays.
 
     A renamed or copied scan hits the cache; an edited one, or other preprocessing, misses it.
     """
@@ -36,10 +39,11 @@ class PreprocessedCache:
     def __init__(self, root: str | Path, fingerprint: str):
         self.root = Path(root) / fingerprint
 
-    def get_or_compute(self, path: str | Path, compute: Callable[[Path], np.ndarray]) -> np.ndarray:
-        entry = self.root / f"{file_digest(path)}.safetensors"
+    def get_or_compute(self, paths: Sequence[str | Path],
+                       compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        entry = self.root / f"{content_digest(paths)}.safetensors"
         if entry.is_file():
-            return load_arrays(entry)["data"]
-        data = compute(Path(path))
-        save_arrays(entry, {"data": data})
-        return data
+            return load_arrays(entry)
+        arrays = compute()
+        save_arrays(entry, arrays)
+        return arrays

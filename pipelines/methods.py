@@ -1,0 +1,177 @@
+"""Methods: how a run's network is trained on inlier slices and how it scores slices.
+
+A method is a callable ``slices (N, C, H, W) in [0, 1] -> {score name: (N,)}`` with higher =
+more typical, built by ``train`` (on a run directory) or ``load`` (from one):
+
+- ``msma``: noise-conditional score network -> L score norms -> GMM / flow / KD-tree scores;
+- ``glow``: multi-scale Glow -> per-scale log-likelihoods -> ``raw`` (total), ``last_scale``
+  (the coarsest scale's contribution) and, with ``model.general_run`` set, ``diff`` (the
+  log-likelihood ratio against that general-domain Glow run).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import TextColumn
+
+from neuro_ood.backbones.glow import Glow
+from neuro_ood.config import ExperimentConfig
+from neuro_ood.errors import ConfigError, RunError
+from neuro_ood.features import glow_anomaly_scores, glow_log_likelihoods, score_norms
+from neuro_ood.runs import RunDir, build_network, sigmas_of
+from neuro_ood.scorers import AuxiliaryScorer, build_scorer, load_scorers, save_scorers
+from neuro_ood.training import TrainState, resolve_device, train_glow, train_score_network
+from neuro_ood.pipelines.common import progress_bar
+
+
+def _train_with_progress(console: Console, cfg: ExperimentConfig, run: RunDir, model: torch.nn.Module,
+                         in_channels: int, state: TrainState | None, description: str,
+                         fit: Callable[..., TrainState]) -> tuple[TrainState, float]:
+    """Run ``fit(state, on_step, on_checkpoint)`` with a progress bar and checkpoints into ``run``;
+    return the final state and the last training loss."""
+
+    def checkpoint(train_state: TrainState) -> None:
+        run.save_model(model, cfg, in_channels, train_state.step)
+        run.save_train_state(train_state)
+
+    last_loss = [float("nan")]
+
+    def on_step(step: int, loss: float) -> None:
+        last_loss[0] = loss
+        progress.update(task, completed=step, loss=loss)
+
+    with progress_bar(console, TextColumn("loss {task.fields[loss]:.3g}")) as progress:
+        task = progress.add_task(description, total=cfg.training.steps,
+                                 completed=state.step if state else 0, loss=float("nan"))
+        state = fit(state, on_step, checkpoint)
+    if state.step == 0 or not run.file("model.safetensors").is_file():
+        checkpoint(state)
+    return state, last_loss[0]
+
+
+def _initial_model(cfg: ExperimentConfig, run: RunDir, in_channels: int, resume: bool, console: Console):
+    device = resolve_device(cfg.training.device)
+    state = run.load_train_state() if resume else None
+    if state is not None and run.file("model.safetensors").is_file():
+        console.print(f"resuming from step {state.step}")
+        return run.load_model(cfg, device), state
+    torch.manual_seed(cfg.training.seed)
+    return build_network(cfg.method, cfg.model, in_channels).to(device), None
+
+
+class MSMAMethod:
+    """Score norms at L noise levels, scored by each fitted auxiliary scorer."""
+
+    def __init__(self, model: torch.nn.Module, sigmas: torch.Tensor, scorers: dict[str, AuxiliaryScorer],
+                 batch_size: int = 64):
+        self.model, self.sigmas, self.scorers, self.batch_size = model, sigmas, scorers, batch_size
+        self.final_loss = float("nan")
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        """``(N, C, H, W)`` -> ``(N, L)`` score norms."""
+        return score_norms(self.model, images, self.sigmas, batch_size=self.batch_size)
+
+    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        features = self.features(images)
+        return {name: scorer.score_samples(features) for name, scorer in self.scorers.items()}
+
+    @classmethod
+    def load(cls, run: RunDir, cfg: ExperimentConfig) -> "MSMAMethod":
+        model = run.load_model(cfg, resolve_device(cfg.training.device))
+        return cls(model, sigmas_of(cfg.model), load_scorers(run.path), cfg.training.feature_batch_size)
+
+    @classmethod
+    def train(cls, cfg: ExperimentConfig, run: RunDir, images: np.ndarray, console: Console,
+              resume: bool = True) -> "MSMAMethod":
+        """Train the score network on ``images`` (N, C, H, W), then fit the scorers on their score norms."""
+        model, state = _initial_model(cfg, run, images.shape[1], resume, console)
+        sigmas = sigmas_of(cfg.model)
+        t = cfg.training
+        _, final_loss = _train_with_progress(console, cfg, run, model, images.shape[1], state, "train NCSN",
+                             lambda st, on_step, on_ckpt: train_score_network(
+                                 model, torch.from_numpy(images), sigmas, t.steps, t.batch_size, t.lr, t.seed, st,
+                                 on_step, on_ckpt, t.checkpoint_every))
+        method = cls(model, sigmas, {}, t.feature_batch_size)
+        method.final_loss = final_loss
+        with progress_bar(console) as progress:
+            task = progress.add_task("score norms (train)", total=len(images))
+            features = []
+            for start in range(0, len(images), 64):
+                features.append(method.features(images[start:start + 64]))
+                progress.advance(task, len(features[-1]))
+        features = np.concatenate(features)
+        for name, params in cfg.scorers.items():
+            with console.status(f"fitting {name} on {len(features)} score vectors"):
+                method.scorers[name] = build_scorer(name, **params).fit(features)
+        save_scorers(run.path, method.scorers)
+        return method
+
+
+class GlowMethod:
+    """Per-scale Glow log-likelihoods of noise-free inputs (slices zero-padded to the Glow's multiple)."""
+
+    def __init__(self, model: Glow, general: Glow | None = None, batch_size: int = 64):
+        self.model, self.general, self.batch_size = model, general, batch_size
+        self.final_loss = float("nan")
+
+    @staticmethod
+    def pad(images: np.ndarray, n_scales: int) -> np.ndarray:
+        """Zero-pad ``(N, C, H, W)`` symmetrically to the smallest size divisible by 2^n_scales."""
+        height, width = images.shape[-2:]
+        target_h, target_w = Glow.padded_size(height, width, n_scales)
+        dh, dw = target_h - height, target_w - width
+        if not dh and not dw:
+            return images
+        padded = F.pad(torch.from_numpy(np.ascontiguousarray(images)), (dw // 2, dw - dw // 2, dh // 2, dh - dh // 2))
+        return padded.numpy()
+
+    def log_likelihoods(self, model: Glow, images: np.ndarray) -> np.ndarray:
+        return glow_log_likelihoods(model, self.pad(images, model.n_scales), batch_size=self.batch_size)
+
+    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        general = self.log_likelihoods(self.general, images) if self.general is not None else None
+        return glow_anomaly_scores(self.log_likelihoods(self.model, images), general)
+
+    @classmethod
+    def load(cls, run: RunDir, cfg: ExperimentConfig) -> "GlowMethod":
+        device = resolve_device(cfg.training.device)
+        general = None
+        if cfg.model.general_run:
+            general_run = RunDir(cfg.model.general_run)
+            general_cfg = general_run.load_config()
+            if general_cfg.method != "glow":
+                raise RunError(f"model.general_run {general_run.path} is a {general_cfg.method} run, not a Glow run")
+            general = general_run.load_model(general_cfg, device)
+        return cls(run.load_model(cfg, device), general, cfg.training.feature_batch_size)
+
+    @classmethod
+    def train(cls, cfg: ExperimentConfig, run: RunDir, images: np.ndarray, console: Console,
+              resume: bool = True) -> "GlowMethod":
+        """Train the Glow on ``images`` (N, C, H, W) in [0, 1] with the S4.1 recipe (Adamax, dequantisation)."""
+        model, state = _initial_model(cfg, run, images.shape[1], resume, console)
+        padded = torch.from_numpy(cls.pad(images, model.n_scales))
+        t = cfg.training
+        _, final_loss = _train_with_progress(console, cfg, run, model, images.shape[1], state,
+                                             "train Glow (bits/dim)",
+                             lambda st, on_step, on_ckpt: train_glow(
+                                 model, padded, t.steps, batch_size=t.batch_size, lr=t.lr,
+                                 weight_decay=t.weight_decay, seed=t.seed, state=st, on_step=on_step,
+                                 on_checkpoint=on_ckpt, checkpoint_every=t.checkpoint_every,
+                                 augment=tuple(t.augment), max_shift=t.max_shift, warmup_steps=t.warmup_steps))
+        method = cls.load(run, cfg)
+        method.final_loss = final_loss
+        return method
+
+
+METHODS = {"msma": MSMAMethod, "glow": GlowMethod}
+
+
+def method_class(cfg: ExperimentConfig):
+    if cfg.method not in METHODS:
+        raise ConfigError(f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[cfg.method]
