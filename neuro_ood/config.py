@@ -67,7 +67,8 @@ class ModelConfig:
     ``strides``, ``num_res_units``) and its noise schedule (L geometric sigmas).
     Glow: ``n_scales`` × ``steps_per_scale`` flow steps with coupling width ``hidden``; ``lu``
     (LU-decomposed 1×1 convolutions), ``learned_prior`` (conditional prior instead of independent
-    standard normals), ``general_run`` (a Glow run on a general domain, for the likelihood ratio).
+    standard normals), ``general_run`` (a Glow run on a general domain, for the likelihood ratio),
+    ``variant`` (``multiscale``; S2's ``local`` ``patch``×``patch`` Glow or fully-connected ``fc`` Glow).
     """
 
     backbone: str = "unet"
@@ -83,12 +84,17 @@ class ModelConfig:
     lu: bool = True
     learned_prior: bool = False
     general_run: str | None = None
+    variant: str = "multiscale"
+    patch: int = 8
 
 
 @dataclass
 class TrainingConfig:
     """Optimisation. MSMA: Adam at ``lr``. Glow: Adamax at ``lr`` with ``weight_decay``, linear
-    warm-up over ``warmup_steps``, ``augment`` (translate, flip) by up to ``max_shift`` pixels."""
+    warm-up over ``warmup_steps``, ``augment`` (translate, flip) by up to ``max_shift`` pixels;
+    ``init_from`` fine-tunes from another run's weights; with general-domain outliers, the outlier
+    loss ``outlier_loss`` (``ratio``: Eq. S1 with ``outlier_temperature`` T and ``outlier_weight`` λ;
+    ``margin``: Outlier Exposure's margin loss with ``margin`` nats per dimension)."""
 
     steps: int = 200_000
     batch_size: int = 32
@@ -101,6 +107,23 @@ class TrainingConfig:
     warmup_steps: int = 0
     augment: list[str] = field(default_factory=list)
     max_shift: int = 2
+    init_from: str | None = None
+    outlier_loss: str = "ratio"
+    outlier_temperature: float = 1000.0
+    outlier_weight: float = 6000.0
+    margin: float = 1.0
+
+
+@dataclass
+class ImagesConfig:
+    """Natural-image benchmarks: images converted to ``channels`` and ``size`` (by ``fit``: resize |
+    pad); ``n_train`` / ``n_test`` cap the images used per set (None: all)."""
+
+    channels: int | None = None
+    size: list[int] = field(default_factory=lambda: [32, 32])
+    fit: str = "resize"
+    n_train: int | None = None
+    n_test: int | None = None
 
 
 @dataclass
@@ -128,6 +151,7 @@ class ExperimentConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     scorers: dict[str, dict[str, Any]] = field(default_factory=_default_scorers)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    images: ImagesConfig = field(default_factory=ImagesConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -50,3 +50,29 @@ def scores_table(results: Iterable[Any]) -> Table:
         cells.append(f"[bold red]ATYPICAL[/] ({result.primary})" if result.flagged else "typical")
         table.add_row(*cells)
     return table
+
+
+def benchmark_tables(report: dict[str, Any]) -> list[Table]:
+    """One table per in->out pair: a row per method and score, the paper's metrics in percent."""
+    tables = []
+    for pair, methods in report["pairs"].items():
+        table = Table(title=f"{pair}: per image, %", caption=CAPTION)
+        table.add_column("method")
+        for _, header in METRIC_COLUMNS:
+            table.add_column(header, justify="right")
+        for method, values in methods.items():
+            table.add_row(method, *(f"{100 * values[k]:.1f}" for k, _ in METRIC_COLUMNS))
+        tables.append(table)
+    return tables
+
+
+def bpd_table(report: dict[str, Any]) -> Table:
+    """Bits/dim of each Glow on each test set (dequantised, one sample)."""
+    table = Table(title="Glow bits/dim")
+    sets = list(next(iter(report["bpd"].values()))) if report["bpd"] else []
+    table.add_column("model")
+    for name in sets:
+        table.add_column(name, justify="right")
+    for model, values in report["bpd"].items():
+        table.add_row(model, *(f"{values[name]:.2f}" for name in sets))
+    return table

@@ -15,12 +15,12 @@ Weights made with other preprocessing than the config in use are refused.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from neuro_ood.backbones.glow import Glow
+from neuro_ood.backbones.glow import build_glow_variant
 from neuro_ood.backbones.ncsn import NoiseConditionalScoreNet, geometric_sigmas
 from neuro_ood.config import ExperimentConfig, ModelConfig, config_from_dict, read_config_dict
 from neuro_ood.errors import ConfigError, RunError
@@ -35,17 +35,23 @@ def build_score_network(cfg: ModelConfig, in_channels: int, spatial_dims: int = 
                                     sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max)
 
 
-def build_glow(cfg: ModelConfig, in_channels: int) -> Glow:
-    return Glow(in_channels=in_channels, n_scales=cfg.n_scales, steps_per_scale=cfg.steps_per_scale,
-                hidden=cfg.hidden, lu=cfg.lu, learned_prior=cfg.learned_prior)
+def build_glow(cfg: ModelConfig, in_channels: int, image_size: Sequence[int] | None = None) -> torch.nn.Module:
+    """The Glow of ``cfg.variant`` (multiscale, local, fc); ``image_size`` (H, W) is needed by ``fc``."""
+    try:
+        return build_glow_variant(cfg.variant, in_channels, tuple(image_size) if image_size else None,
+                                  n_scales=cfg.n_scales, steps_per_scale=cfg.steps_per_scale, hidden=cfg.hidden,
+                                  lu=cfg.lu, learned_prior=cfg.learned_prior, patch=cfg.patch)
+    except ValueError as err:
+        raise ConfigError(f"model: {err}") from None
 
 
-def build_network(method: str, cfg: ModelConfig, in_channels: int, spatial_dims: int = 2) -> torch.nn.Module:
-    """The backbone of ``method`` (``msma``: score network, ``glow``: Glow) from its config."""
+def build_network(method: str, cfg: ModelConfig, in_channels: int, spatial_dims: int = 2,
+                  image_size: Sequence[int] | None = None) -> torch.nn.Module:
+    """The backbone of ``method`` (``msma``: score network, ``glow``: a Glow variant) from its config."""
     if method == "msma":
         return build_score_network(cfg, in_channels, spatial_dims)
     if method == "glow":
-        return build_glow(cfg, in_channels)
+        return build_glow(cfg, in_channels, image_size)
     raise ConfigError(f"unknown method {method!r}; use 'msma' or 'glow'")
 
 
@@ -96,7 +102,7 @@ class RunDir:
 
     # -- model ------------------------------------------------------------------------------
     def save_model(self, model: torch.nn.Module, cfg: ExperimentConfig, in_channels: int, step: int,
-                   name: str = "model", spatial_dims: int = 2) -> None:
+                   name: str = "model", spatial_dims: int = 2, image_size: Sequence[int] | None = None) -> None:
         """``RUN/<name>.safetensors`` and ``RUN/<name>.json`` (method, architecture, step, fingerprint)."""
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         with atomic_write(self.file(f"{name}.safetensors")) as tmp:
@@ -104,7 +110,7 @@ class RunDir:
         write_json(self.file(f"{name}.json"), {
             "method": cfg.method, "preprocessing_fingerprint": preprocessing_fingerprint(cfg.preprocessing),
             "model": cfg.to_dict()["model"], "in_channels": in_channels, "spatial_dims": spatial_dims,
-            "step": step})
+            "image_size": list(image_size) if image_size else None, "step": step})
 
     def load_model(self, cfg: ExperimentConfig, device: torch.device | str = "cpu",
                    name: str = "model") -> torch.nn.Module:
@@ -117,7 +123,8 @@ class RunDir:
                 f"{meta['preprocessing_fingerprint']}, this config gives {expected}); "
                 "score with the run's own preprocessing settings or train a new run")
         model_cfg = config_from_dict({"model": meta["model"]}).model
-        model = build_network(meta.get("method", "msma"), model_cfg, meta["in_channels"], meta["spatial_dims"])
+        model = build_network(meta.get("method", "msma"), model_cfg, meta["in_channels"], meta["spatial_dims"],
+                              meta.get("image_size"))
         weights = load_file(str(self._require(f"{name}.safetensors", "the network's weights")))
         model.load_state_dict(weights)
         return model.to(device).eval()

@@ -1,19 +1,35 @@
-"""``neuro-ood evaluate``: held-out inliers against each group of a cohort (age groups; tumour)."""
+"""``neuro-ood evaluate``: held-out inliers against each group of a cohort, for one run or several
+side by side (age groups for T1 cohorts; tumour slices for BraTS)."""
 
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
+import numpy as np
 from rich.console import Console
 
-from neuro_ood.errors import CohortError, ConfigError
+from neuro_ood.config import ExperimentConfig
+from neuro_ood.errors import CohortError, ConfigError, RunError
 from neuro_ood.metrics import ood_metrics
 from neuro_ood.runs import RunDir
 from neuro_ood.pipelines.common import prepare_items, score_items
 from neuro_ood.pipelines.datasets import dataset_adapter
 from neuro_ood.pipelines.methods import method_class
+
+
+@dataclass
+class LoadedRun:
+    run: RunDir
+    cfg: ExperimentConfig
+    split: dict[str, list[str]]
+    reference: dict[str, Any]
+
+    @property
+    def heldout(self) -> set[str]:
+        return set(self.split["heldout"])
 
 
 def _group_order(group: str) -> tuple:
@@ -23,42 +39,90 @@ def _group_order(group: str) -> tuple:
         return (1, 0.0, group)
 
 
-def evaluate(run_dir: str | Path, data_dir: str | Path, group_by: str | None = None,
-             cache_dir: str | Path | None = None, console: Console | None = None) -> dict[str, Any]:
-    """Score the items of ``data_dir`` that the run neither trained on nor holds as its reference,
-    group them (``age`` for T1 cohorts, ``tumour`` for BraTS) and compare each group with the
-    run's held-out inliers (inliers positive); write and return ``RUN/metrics.json``.
+def _common_heldout(runs: Sequence[LoadedRun], intersection: bool) -> set[str]:
+    """The held-out subjects every run's reference is built on; mismatches are refused unless
+    ``intersection``, which keeps the subjects all runs hold out."""
+    common = set.intersection(*(r.heldout for r in runs))
+    for other in runs[1:]:
+        if other.heldout != runs[0].heldout and not intersection:
+            raise RunError(
+                f"runs {runs[0].run.path} and {other.run.path} hold out different subjects "
+                f"({len(runs[0].heldout ^ other.heldout)} differ); train them with the same data.split_seed and "
+                "heldout_fraction, or pass --intersection to compare on the subjects they share")
+    if not common:
+        raise RunError("the runs share no held-out subject")
+    return common
+
+
+def _labels(runs: Sequence[LoadedRun]) -> list[str]:
+    labels, seen = [], defaultdict(int)
+    for run in runs:
+        seen[run.cfg.method] += 1
+        labels.append(run.cfg.method if seen[run.cfg.method] == 1 else f"{run.cfg.method}#{seen[run.cfg.method]}")
+    return labels
+
+
+def evaluate(run_dirs: str | Path | Sequence[str | Path], data_dir: str | Path, group_by: str | None = None,
+             cache_dir: str | Path | None = None, console: Console | None = None,
+             intersection: bool = False) -> dict[str, Any]:
+    """Score the items of ``data_dir`` that no run trained on and that are not in the runs' shared
+    reference, group them, and compare each group with the held-out inliers (inliers positive).
+
+    One run: writes ``RUN/metrics.json`` with ``groups``. Several runs: every run sees the same
+    held-out inliers and the same groups; the first run's ``metrics.json`` gets ``groups`` (its
+    own) and ``runs`` keyed by method (``msma``, ``glow``, a second ``msma`` as ``msma#2``).
     """
     console = console or Console(stderr=True)
-    run = RunDir(run_dir)
-    cfg = run.load_config()
-    adapter = dataset_adapter(cfg)
+    paths = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
+    runs = []
+    for path in paths:
+        run = RunDir(path)
+        runs.append(LoadedRun(run, run.load_config(), run.load_split(), run.load_reference()))
+    datasets = {r.cfg.dataset for r in runs}
+    if len(datasets) > 1:
+        raise ConfigError(f"the runs are of different datasets ({', '.join(sorted(datasets))})")
+    adapter = dataset_adapter(runs[0].cfg)
     if group_by not in (None, adapter.group_by):
-        raise ConfigError(f"--group-by {group_by!r} is not available for dataset {cfg.dataset!r}; "
+        raise ConfigError(f"--group-by {group_by!r} is not available for dataset {runs[0].cfg.dataset!r}; "
                           f"use {adapter.group_by!r}")
-    method = method_class(cfg).load(run, cfg)
-    reference = run.load_reference()
-    trained_on = set(run.load_split()["train"])
-    in_reference = set(reference["items"])
-    sources = [s for s in adapter.sources(data_dir) if s.subject not in trained_on]
-    prepared = prepare_items(adapter, sources, cache_dir, console, "preprocess groups")
-    items = [i for i in prepared.items if i.key not in in_reference and i.group is not None]
-    if not items:
-        raise CohortError(f"{data_dir}: nothing to evaluate — every item is in the run's training split or "
-                          f"reference, or has no {adapter.group_by}")
-    scores = score_items(method, items, console=console, description="score groups")
-    members: dict[str, list[int]] = defaultdict(list)
-    for index, item in enumerate(items):
-        members[item.group].append(index)
-    groups = {group: {"n": len(members[group]), "scorers": {
-        name: ood_metrics(reference["scorers"][name]["scores"], values[members[group]])
-        for name, values in scores.items()}} for group in sorted(members, key=_group_order)}
+    heldout = _common_heldout(runs, intersection)
+    trained_on = set().union(*(set(r.split["train"]) for r in runs))
+    source_list = [s for s in adapter.sources(data_dir) if s.subject not in trained_on]
+    if not source_list:
+        raise CohortError(f"{data_dir}: every subject was used to train the run(s)")
+
+    per_run, failures = {}, []
+    for label, loaded in zip(_labels(runs), runs):
+        run_adapter = dataset_adapter(loaded.cfg)
+        prepared = prepare_items(run_adapter, source_list, cache_dir, console, f"preprocess ({label})")
+        failures = failures or prepared.failures
+        reference_keys = {key for key in loaded.reference["items"] if key.split(":")[0].split("/")[0] in heldout}
+        keep = [i for i, key in enumerate(loaded.reference["items"]) if key in reference_keys]
+        items = [i for i in prepared.items if i.key not in set(loaded.reference["items"]) and i.group is not None
+                 and i.subject not in loaded.heldout - heldout]
+        if not items:
+            raise CohortError(f"{data_dir}: nothing to evaluate — every item is in the runs' training splits "
+                              f"or reference, or has no {adapter.group_by}")
+        method = method_class(loaded.cfg).load(loaded.run, loaded.cfg)
+        scores = score_items(method, items, console=console, description=f"score groups ({label})")
+        members: dict[str, list[int]] = defaultdict(list)
+        for index, item in enumerate(items):
+            members[item.group].append(index)
+        groups = {}
+        for group in sorted(members, key=_group_order):
+            index = members[group]
+            groups[group] = {"n": len(index), "scorers": {
+                name: ood_metrics(np.asarray(loaded.reference["scorers"][name]["scores"])[keep], values[index])
+                for name, values in scores.items()}}
+        per_run[label] = {"run": str(loaded.run.path), "inliers": {"n": len(keep)}, "groups": groups}
+
+    first = next(iter(per_run.values()))
     metrics = {
-        "run": str(run.path), "data_dir": str(data_dir), "method": cfg.method, "dataset": cfg.dataset,
-        "unit": adapter.unit, "group_by": adapter.group_by,
-        "inliers": {"n": len(reference["items"])},
-        "groups": groups,
-        "failed": [{"path": p, "reason": r} for p, r in prepared.failures],
+        "run": first["run"], "data_dir": str(data_dir), "method": runs[0].cfg.method, "dataset": runs[0].cfg.dataset,
+        "unit": adapter.unit, "group_by": adapter.group_by, "inliers": first["inliers"], "groups": first["groups"],
+        "failed": [{"path": p, "reason": r} for p, r in failures],
     }
-    run.save_metrics(metrics)
+    if len(runs) > 1:
+        metrics["runs"] = per_run
+    runs[0].run.save_metrics(metrics)
     return metrics

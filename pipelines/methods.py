@@ -11,7 +11,7 @@ more typical, built by ``train`` (on a run directory) or ``load`` (from one):
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -30,13 +30,13 @@ from neuro_ood.pipelines.common import progress_bar
 
 
 def _train_with_progress(console: Console, cfg: ExperimentConfig, run: RunDir, model: torch.nn.Module,
-                         in_channels: int, state: TrainState | None, description: str,
+                         images_shape: Sequence[int], state: TrainState | None, description: str,
                          fit: Callable[..., TrainState]) -> tuple[TrainState, float]:
     """Run ``fit(state, on_step, on_checkpoint)`` with a progress bar and checkpoints into ``run``;
     return the final state and the last training loss."""
 
     def checkpoint(train_state: TrainState) -> None:
-        run.save_model(model, cfg, in_channels, train_state.step)
+        run.save_model(model, cfg, images_shape[1], train_state.step, image_size=images_shape[2:])
         run.save_train_state(train_state)
 
     last_loss = [float("nan")]
@@ -54,14 +54,16 @@ def _train_with_progress(console: Console, cfg: ExperimentConfig, run: RunDir, m
     return state, last_loss[0]
 
 
-def _initial_model(cfg: ExperimentConfig, run: RunDir, in_channels: int, resume: bool, console: Console):
+def _initial_model(cfg: ExperimentConfig, run: RunDir, images_shape: Sequence[int], resume: bool,
+                   console: Console):
+    """A new network for images of ``images_shape`` (N, C, H, W), or the run's, resumed."""
     device = resolve_device(cfg.training.device)
     state = run.load_train_state() if resume else None
     if state is not None and run.file("model.safetensors").is_file():
         console.print(f"resuming from step {state.step}")
         return run.load_model(cfg, device), state
     torch.manual_seed(cfg.training.seed)
-    return build_network(cfg.method, cfg.model, in_channels).to(device), None
+    return build_network(cfg.method, cfg.model, images_shape[1], image_size=images_shape[2:]).to(device), None
 
 
 class MSMAMethod:
@@ -89,10 +91,10 @@ class MSMAMethod:
     def train(cls, cfg: ExperimentConfig, run: RunDir, images: np.ndarray, console: Console,
               resume: bool = True) -> "MSMAMethod":
         """Train the score network on ``images`` (N, C, H, W), then fit the scorers on their score norms."""
-        model, state = _initial_model(cfg, run, images.shape[1], resume, console)
+        model, state = _initial_model(cfg, run, images.shape, resume, console)
         sigmas = sigmas_of(cfg.model)
         t = cfg.training
-        _, final_loss = _train_with_progress(console, cfg, run, model, images.shape[1], state, "train NCSN",
+        _, final_loss = _train_with_progress(console, cfg, run, model, images.shape, state, "train NCSN",
                              lambda st, on_step, on_ckpt: train_score_network(
                                  model, torch.from_numpy(images), sigmas, t.steps, t.batch_size, t.lr, t.seed, st,
                                  on_step, on_ckpt, t.checkpoint_every))
@@ -112,6 +114,14 @@ class MSMAMethod:
         return method
 
 
+def _glow_input_size(cfg: ExperimentConfig, height: int, width: int) -> tuple[int, int]:
+    """Smallest size ≥ (height, width) the configured Glow accepts: a multiple of the patch for the
+    local variant, of 2^n_scales otherwise."""
+    if cfg.model.variant == "local":
+        return -(-height // cfg.model.patch) * cfg.model.patch, -(-width // cfg.model.patch) * cfg.model.patch
+    return Glow.padded_size(height, width, cfg.model.n_scales)
+
+
 class GlowMethod:
     """Per-scale Glow log-likelihoods of noise-free inputs (slices zero-padded to the Glow's multiple)."""
 
@@ -120,10 +130,10 @@ class GlowMethod:
         self.final_loss = float("nan")
 
     @staticmethod
-    def pad(images: np.ndarray, n_scales: int) -> np.ndarray:
-        """Zero-pad ``(N, C, H, W)`` symmetrically to the smallest size divisible by 2^n_scales."""
+    def pad(images: np.ndarray, target: Sequence[int]) -> np.ndarray:
+        """Zero-pad ``(N, C, H, W)`` symmetrically to ``target`` (H', W')."""
         height, width = images.shape[-2:]
-        target_h, target_w = Glow.padded_size(height, width, n_scales)
+        target_h, target_w = target
         dh, dw = target_h - height, target_w - width
         if not dh and not dw:
             return images
@@ -131,39 +141,61 @@ class GlowMethod:
         return padded.numpy()
 
     def log_likelihoods(self, model: Glow, images: np.ndarray) -> np.ndarray:
-        return glow_log_likelihoods(model, self.pad(images, model.n_scales), batch_size=self.batch_size)
+        """Per-scale log-likelihoods ``(N, n_scales)`` in nats of zero-padded, noise-free images."""
+        padded = self.pad(images, model.padded_size(*images.shape[-2:], model.n_scales))
+        return glow_log_likelihoods(model, padded, batch_size=self.batch_size)
 
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
         general = self.log_likelihoods(self.general, images) if self.general is not None else None
         return glow_anomaly_scores(self.log_likelihoods(self.model, images), general)
 
+    def log_likelihoods_fn(self) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+        """``images -> {"loglik": (N, n_scales)}``: the model's per-scale log-likelihoods (nats)."""
+        return lambda images: {"loglik": self.log_likelihoods(self.model, images)}
+
+    @staticmethod
+    def load_general(cfg: ExperimentConfig) -> Glow | None:
+        """The general-domain Glow of ``model.general_run`` (for the ``diff`` score), if set."""
+        if not cfg.model.general_run:
+            return None
+        general_run = RunDir(cfg.model.general_run)
+        general_cfg = general_run.load_config()
+        if general_cfg.method != "glow":
+            raise RunError(f"model.general_run {general_run.path} is a {general_cfg.method} run, not a Glow run")
+        return general_run.load_model(general_cfg, resolve_device(general_cfg.training.device))
+
     @classmethod
     def load(cls, run: RunDir, cfg: ExperimentConfig) -> "GlowMethod":
-        device = resolve_device(cfg.training.device)
-        general = None
-        if cfg.model.general_run:
-            general_run = RunDir(cfg.model.general_run)
-            general_cfg = general_run.load_config()
-            if general_cfg.method != "glow":
-                raise RunError(f"model.general_run {general_run.path} is a {general_cfg.method} run, not a Glow run")
-            general = general_run.load_model(general_cfg, device)
-        return cls(run.load_model(cfg, device), general, cfg.training.feature_batch_size)
+        model = run.load_model(cfg, resolve_device(cfg.training.device))
+        return cls(model, cls.load_general(cfg), cfg.training.feature_batch_size)
 
     @classmethod
     def train(cls, cfg: ExperimentConfig, run: RunDir, images: np.ndarray, console: Console,
-              resume: bool = True) -> "GlowMethod":
-        """Train the Glow on ``images`` (N, C, H, W) in [0, 1] with the S4.1 recipe (Adamax, dequantisation)."""
-        model, state = _initial_model(cfg, run, images.shape[1], resume, console)
-        padded = torch.from_numpy(cls.pad(images, model.n_scales))
+              resume: bool = True, outliers: np.ndarray | None = None,
+              general: Glow | None = None) -> "GlowMethod":
+        """Train the Glow on ``images`` (N, C, H, W) in [0, 1] with the S4.1 recipe (Adamax,
+        dequantisation, augmentation), starting from ``training.init_from``'s weights if set; with
+        ``outliers`` (general-domain images) add the outlier loss (S4.4; ``ratio`` needs ``general``)."""
+        target = _glow_input_size(cfg, *images.shape[-2:])
+        padded = torch.from_numpy(cls.pad(images, target))
+        model, state = _initial_model(cfg, run, padded.shape, resume, console)
         t = cfg.training
-        _, final_loss = _train_with_progress(console, cfg, run, model, images.shape[1], state,
-                                             "train Glow (bits/dim)",
-                             lambda st, on_step, on_ckpt: train_glow(
-                                 model, padded, t.steps, batch_size=t.batch_size, lr=t.lr,
-                                 weight_decay=t.weight_decay, seed=t.seed, state=st, on_step=on_step,
-                                 on_checkpoint=on_ckpt, checkpoint_every=t.checkpoint_every,
-                                 augment=tuple(t.augment), max_shift=t.max_shift, warmup_steps=t.warmup_steps))
-        method = cls.load(run, cfg)
+        if state is None and t.init_from:
+            source = RunDir(t.init_from)
+            model.load_state_dict(source.load_model(source.load_config()).state_dict())
+            console.print(f"fine-tuning from {source.path}")
+        padded_outliers = torch.from_numpy(cls.pad(outliers, target)) if outliers is not None else None
+        _, final_loss = _train_with_progress(
+            console, cfg, run, model, padded.shape, state,
+            "train Glow (bits/dim)" if outliers is None else "train Glow + outlier loss",
+            lambda st, on_step, on_ckpt: train_glow(
+                model, padded, t.steps, batch_size=t.batch_size, lr=t.lr, weight_decay=t.weight_decay,
+                seed=t.seed, state=st, on_step=on_step, on_checkpoint=on_ckpt,
+                checkpoint_every=t.checkpoint_every, augment=tuple(t.augment), max_shift=t.max_shift,
+                warmup_steps=t.warmup_steps, outliers01=padded_outliers, general_model=general,
+                outlier_temperature=t.outlier_temperature, outlier_weight=t.outlier_weight,
+                outlier_loss_kind=t.outlier_loss, margin=t.margin))
+        method = cls(model.eval(), cls.load_general(cfg), t.feature_batch_size)
         method.final_loss = final_loss
         return method
 

@@ -1,0 +1,1 @@
+"""Supervised baselines for the unsupervised detectors: a ResNet classifier (Hendrycks & Gimpel 2017)."""

@@ -1,0 +1,198 @@
+"""``neuro-ood benchmark``: MSMA and Glow side by side on natural-image in/out dataset pairs.
+
+For an in-distribution set and one or more out-of-distribution sets (test splits), the benchmark
+trains (or reuses, from ``run_dir``) the methods on the in-distribution training split and reports
+every metric per pair and method:
+
+- ``msma_gmm``, ``msma_flow``, ``msma_kdtree``: MSMA with each auxiliary scorer;
+- ``glow_raw``: the Glow's log-likelihood; ``glow_last_scale``: its coarsest-scale contribution;
+- with a general-domain set: ``glow_diff`` (log-likelihood ratio against a Glow trained on the general
+  set) and ``glow_diff_outlier_loss`` (the same after fine-tuning the in-distribution Glow with the
+  outlier loss, general-domain images as outliers).
+
+With no data root the built-in offline sets are used (see :data:`DEFAULT_BENCHMARK`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from neuro_ood.backbones.glow import Glow
+from neuro_ood.config import ExperimentConfig, ImagesConfig, load_config
+from neuro_ood.data.natural import DatasetError, ImageSet, load_dataset, split_train_test
+from neuro_ood.errors import ConfigError
+from neuro_ood.features import glow_anomaly_scores
+from neuro_ood.io import write_json
+from neuro_ood.metrics import ood_metrics
+from neuro_ood.runs import RunDir
+from neuro_ood.training import glow_bits_per_dim
+from neuro_ood.pipelines.common import progress_bar
+from neuro_ood.pipelines.methods import GlowMethod, MSMAMethod
+
+DEFAULT_BENCHMARK = {"in": "digits", "out": ["constant", "photos", "uniform", "gaussian"], "general": "photos"}
+DEFAULT_CONFIGS = {"msma": "msma_bench_quick", "glow": "glow_bench_quick"}
+
+
+@dataclass
+class BenchmarkSets:
+    """In-distribution train/test images, out-of-distribution test sets and the general-domain set."""
+
+    in_train: ImageSet
+    in_test: ImageSet
+    outs: dict[str, ImageSet]
+    general: ImageSet | None
+
+
+def _slug(spec: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", spec).strip("_") or "set"
+
+
+def _load(spec: str, data_root, split: str, images: ImagesConfig, n: int | None, seed: int) -> ImageSet:
+    return load_dataset(spec, data_root, split=split, channels=images.channels,
+                        size=tuple(images.size) if images.size else None, n=n, seed=seed, fit=images.fit)
+
+
+def load_sets(in_spec: str, out_specs: Sequence[str], general_spec: str | None, data_root,
+              images: ImagesConfig, console: Console, seed: int = 0) -> BenchmarkSets:
+    """Read every set at the configured channels and size; an in-distribution set that ships only
+    a test split (e.g. the MNIST test files alone) is split 80/20 into train and test."""
+    try:
+        in_train = _load(in_spec, data_root, "train", images, images.n_train, seed)
+        in_test = _load(in_spec, data_root, "test", images, images.n_test, seed)
+    except DatasetError as err:
+        whole = _load(in_spec, data_root, "test", images, None, seed)
+        console.print(f"[yellow]{in_spec}: no training split ({err.reason}); "
+                      f"using 80/20 of its test split[/]", highlight=False)
+        in_train, in_test = split_train_test(whole, test_fraction=0.2, seed=seed)
+        if images.n_train:
+            in_train = dataclasses.replace(in_train, images=in_train.images[:images.n_train])
+        if images.n_test:
+            in_test = dataclasses.replace(in_test, images=in_test.images[:images.n_test])
+    outs = {spec: _load(spec, data_root, "test", images, images.n_test, seed) for spec in out_specs}
+    general = _load(general_spec, data_root, "train", images, images.n_train, seed) if general_spec else None
+    return BenchmarkSets(in_train, in_test, outs, general)
+
+
+def _score_sets(method, sets: dict[str, np.ndarray], console: Console, description: str) -> dict[str, dict]:
+    """``{set name: {score name: (N,)}}`` with a progress bar over all images."""
+    total = sum(len(images) for images in sets.values())
+    scores: dict[str, dict[str, np.ndarray]] = {}
+    with progress_bar(console) as progress:
+        task = progress.add_task(description, total=total)
+        for name, images in sets.items():
+            parts = []
+            for start in range(0, len(images), 256):
+                parts.append(method(images[start:start + 256]))
+                progress.advance(task, len(parts[-1][next(iter(parts[-1]))]))
+            scores[name] = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    return scores
+
+
+def _trained(run: RunDir, cfg: ExperimentConfig, needs: str) -> bool:
+    state = run.load_train_state()
+    return state is not None and state.step >= cfg.training.steps and run.file(needs).is_file()
+
+
+def _prepare_run(path: Path, cfg: ExperimentConfig, dataset: str) -> RunDir:
+    run = RunDir(path)
+    run.save_config(dataclasses.replace(cfg, dataset=dataset))
+    return run
+
+
+def benchmark(in_spec: str | None = None, out_specs: Sequence[str] = (), data_root: str | Path | None = None,
+              model: str = "all", general_spec: str | None = None, configs: Sequence[str] = (),
+              run_dir: str | Path = "benchmark", console: Console | None = None,
+              overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Train or reuse the methods and write ``run_dir/benchmark.json``; see the module docstring."""
+    started = time.perf_counter()
+    console = console or Console(stderr=True)
+    if in_spec is None:
+        in_spec, out_specs = DEFAULT_BENCHMARK["in"], out_specs or DEFAULT_BENCHMARK["out"]
+        general_spec = general_spec or DEFAULT_BENCHMARK["general"]
+    if not out_specs:
+        raise ConfigError("give at least one --out dataset")
+    methods = ["msma", "glow"] if model == "all" else [model]
+    if any(m not in DEFAULT_CONFIGS for m in methods):
+        raise ConfigError(f"--model must be msma, glow or all, got {model!r}")
+    cfgs = {m: load_config(DEFAULT_CONFIGS[m], overrides) for m in methods}
+    for path in configs:
+        cfg = load_config(path, overrides)
+        if cfg.method not in cfgs:
+            raise ConfigError(f"config {path} is a {cfg.method} config, but --model is {model}")
+        cfgs[cfg.method] = cfg
+    images_cfg = next(iter(cfgs.values())).images
+    if any((c.images.channels, c.images.size) != (images_cfg.channels, images_cfg.size) for c in cfgs.values()):
+        raise ConfigError("the configs disagree on images.channels / images.size; the methods must see the same images")
+    sets = load_sets(in_spec, out_specs, general_spec, data_root, images_cfg, console)
+    test_sets = {"in": sets.in_test.images, **{name: s.images for name, s in sets.outs.items()}}
+    root = Path(run_dir)
+    results: dict[str, dict[str, dict[str, float]]] = {f"{in_spec}->{o}": {} for o in out_specs}
+    bpd: dict[str, dict[str, float]] = {}
+
+    def add(scores: dict[str, dict[str, np.ndarray]], prefix: str) -> None:
+        for out in out_specs:
+            for key, inlier_scores in scores["in"].items():
+                results[f"{in_spec}->{out}"][f"{prefix}{key}"] = ood_metrics(inlier_scores, scores[out][key])
+
+    if "msma" in cfgs:
+        cfg = cfgs["msma"]
+        run = _prepare_run(root / _slug(in_spec) / "msma", cfg, in_spec)
+        method = (MSMAMethod.load(run, cfg) if _trained(run, cfg, "scorers.json")
+                  else MSMAMethod.train(cfg, run, sets.in_train.images, console))
+        add(_score_sets(method, test_sets, console, "MSMA scores"), "msma_")
+
+    if "glow" in cfgs:
+        cfg = cfgs["glow"]
+
+        def glow_run(path: Path, images: np.ndarray, dataset: str, run_cfg: ExperimentConfig,
+                     outliers=None, general=None) -> Glow:
+            run = _prepare_run(path, run_cfg, dataset)
+            if _trained(run, run_cfg, "model.safetensors"):
+                return run.load_model(run_cfg)
+            return GlowMethod.train(run_cfg, run, images, console, outliers=outliers, general=general).model
+
+        in_path = root / _slug(in_spec) / "glow"
+        glow_in = glow_run(in_path, sets.in_train.images, in_spec, cfg)
+        loglik = _score_sets(GlowMethod(glow_in).log_likelihoods_fn(), test_sets, console, "Glow likelihoods")
+        add({name: glow_anomaly_scores(ll["loglik"]) for name, ll in loglik.items()}, "glow_")
+        bpd[f"glow[{in_spec}]"] = _bits_per_dim(glow_in, test_sets)
+        if sets.general is not None:
+            glow_general = glow_run(root / "general" / _slug(general_spec) / "glow", sets.general.images,
+                                    general_spec, cfg)
+            general_ll = _score_sets(GlowMethod(glow_general).log_likelihoods_fn(), test_sets, console,
+                                     "general-domain Glow likelihoods")
+            add({name: {"diff": glow_anomaly_scores(loglik[name]["loglik"], general_ll[name]["loglik"])["diff"]}
+                 for name in test_sets}, "glow_")
+            outlier_cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, init_from=str(in_path)))
+            glow_outlier = glow_run(root / _slug(in_spec) / "glow_outlier_loss", sets.in_train.images, in_spec,
+                                    outlier_cfg, outliers=sets.general.images, general=glow_general)
+            outlier_ll = _score_sets(GlowMethod(glow_outlier).log_likelihoods_fn(), test_sets, console,
+                                     "outlier-loss Glow likelihoods")
+            add({name: {"diff_outlier_loss": glow_anomaly_scores(outlier_ll[name]["loglik"],
+                                                                 general_ll[name]["loglik"])["diff"]}
+                 for name in test_sets}, "glow_")
+            bpd[f"glow[{general_spec}]"] = _bits_per_dim(glow_general, test_sets)
+            bpd[f"glow[{in_spec}]+outlier_loss"] = _bits_per_dim(glow_outlier, test_sets)
+
+    report = {"in": in_spec, "out": list(out_specs), "general": general_spec,
+              "n": {"train": len(sets.in_train), **{name: len(images) for name, images in test_sets.items()}},
+              "pairs": results, "bpd": bpd, "seconds": time.perf_counter() - started}
+    write_json(root / "benchmark.json", report)
+    return report
+
+
+def _bits_per_dim(model: Glow, sets: dict[str, np.ndarray]) -> dict[str, float]:
+    """Bits/dim with standard dequantisation noise (one sample, S7.1) of each test set."""
+    generator = torch.Generator().manual_seed(0)
+    return {name: glow_bits_per_dim(model, torch.from_numpy(
+                GlowMethod.pad(images, model.padded_size(*images.shape[-2:], model.n_scales))), generator=generator)
+            for name, images in sets.items()}
