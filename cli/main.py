@@ -43,27 +43,15 @@ def handles_errors(command):
     return wrapper
 
 
-@app.command()
-@handles_errors
-def train(
-    dataset: str = typer.Option("abcd", "--dataset", help="abcd: T1 scans, inliers by age; brats: tumour-free slices."),
-    data_dir: Path = typer.Option(..., "--data-dir", help="BIDS folder, CSV/TSV table of scans, or BraTS cases."),
-    out: Path = typer.Option(..., "--out", help="Run directory to create (or resume)."),
-    model: Optional[str] = typer.Option(None, "--model", help="msma (default) or glow."),
-    config: Optional[str] = typer.Option(None, "--config", "-c",
-                                         help="YAML config file or shipped name (default: <model>_<dataset>)."),
-    overrides: List[str] = typer.Option([], "--set", help="Override a config key, e.g. training.steps=500."),
-    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from OUT's last checkpoint."),
-    cache_dir: Optional[Path] = CacheOption,
-):
-    """Train a detector (MSMA or Glow) on the inliers of a cohort and store it in a run directory."""
+def _train(method: str | None, dataset: str, data_dir: Path, out: Path, config: str | None,
+           overrides: list[str], resume: bool, cache_dir: Path | None) -> None:
     from neuro_ood.config import load_config
     from neuro_ood.errors import ConfigError
     from neuro_ood.pipelines.train import train as run_train
 
-    cfg = load_config(config or f"{model or 'msma'}_{dataset}", [f"dataset={dataset}", *overrides])
-    if model is not None and cfg.method != model:
-        raise ConfigError(f"--model {model} but config {config} is a {cfg.method} config")
+    cfg = load_config(config or f"{method or 'msma'}_{dataset}", [f"dataset={dataset}", *overrides])
+    if method is not None and cfg.method != method:
+        raise ConfigError(f"{method} was asked for, but config {config} is a {cfg.method} config")
     summary = run_train(cfg, data_dir, out, cache_dir=cache_dir, console=err_console, resume=resume)
     unit = "scans" if dataset == "abcd" else "slices"
     out_console.print(f"{summary.method} run saved to [bold]{summary.run}[/]: {summary.n_train_items} training "
@@ -71,6 +59,68 @@ def train(
                       f"{summary.steps} steps, loss {summary.final_loss:.3g}, {summary.seconds:.0f} s")
     if summary.failures:
         out_console.print(f"[yellow]{len(summary.failures)} input(s) skipped[/] (listed above)")
+
+
+DatasetOption = typer.Option("abcd", "--dataset", help="abcd: T1 scans, inliers by age; brats: tumour-free slices.")
+DataDirOption = typer.Option(..., "--data-dir", help="BIDS folder, CSV/TSV table of scans, or BraTS cases.")
+OutOption = typer.Option(..., "--out", help="Run directory to create (or resume).")
+ConfigOption = typer.Option(None, "--config", "-c",
+                            help="YAML config file or shipped name (default: <method>_<dataset>).")
+SetOption = typer.Option([], "--set", help="Override a config key, e.g. training.steps=500.")
+ResumeOption = typer.Option(True, "--resume/--no-resume", help="Continue from OUT's last checkpoint.")
+
+
+@app.command()
+@handles_errors
+def train(
+    dataset: str = DatasetOption,
+    data_dir: Path = DataDirOption,
+    out: Path = OutOption,
+    model: Optional[str] = typer.Option(None, "--model", help="msma (default) or glow."),
+    config: Optional[str] = ConfigOption,
+    overrides: List[str] = SetOption,
+    resume: bool = ResumeOption,
+    cache_dir: Optional[Path] = CacheOption,
+):
+    """Train a detector (MSMA or Glow) on the inliers of a cohort and store it in a run directory."""
+    _train(model, dataset, data_dir, out, config, overrides, resume, cache_dir)
+
+
+baseline_app = typer.Typer(no_args_is_help=True, help="Train the f-AnoGAN and ResNet-classifier baselines.")
+app.add_typer(baseline_app, name="baseline")
+
+
+@baseline_app.command("fanogan")
+@handles_errors
+def baseline_fanogan(
+    dataset: str = DatasetOption,
+    data_dir: Path = DataDirOption,
+    out: Path = OutOption,
+    config: Optional[str] = ConfigOption,
+    overrides: List[str] = SetOption,
+    resume: bool = ResumeOption,
+    cache_dir: Optional[Path] = CacheOption,
+):
+    """f-AnoGAN (WGAN-GP + izif encoder) on the inliers only."""
+    _train("fanogan", dataset, data_dir, out, config, overrides, resume, cache_dir)
+
+
+@baseline_app.command("resnet")
+@handles_errors
+def baseline_resnet(
+    dataset: str = DatasetOption,
+    data_dir: Path = DataDirOption,
+    out: Path = OutOption,
+    outlier_group: str = typer.Option("1", "--outlier-group", help="Group the classifier learns as outliers "
+                                                                    "(an age in years; 'tumour' for BraTS)."),
+    config: Optional[str] = ConfigOption,
+    overrides: List[str] = SetOption,
+    resume: bool = ResumeOption,
+    cache_dir: Optional[Path] = CacheOption,
+):
+    """ResNet classifier of inliers against one outlier group (Hendrycks & Gimpel baseline)."""
+    _train("resnet", dataset, data_dir, out, config, [f"resnet.outlier_group={outlier_group!r}", *overrides],
+           resume, cache_dir)
 
 
 @app.command()
@@ -101,20 +151,26 @@ def score(
 @app.command()
 @handles_errors
 def evaluate(
-    run: Path = typer.Option(..., "--run", help="Run directory from `neuro-ood train`."),
+    runs: List[Path] = typer.Option(..., "--run", help="Run directory; repeat to compare runs side by side."),
     data_dir: Path = typer.Option(..., "--data-dir", help="Cohort holding the outlier groups."),
     group_by: Optional[str] = typer.Option(None, "--group-by",
                                            help="Grouping: age (T1 cohorts, default) or tumour (BraTS, default)."),
+    intersection: bool = typer.Option(False, "--intersection",
+                                      help="Compare runs on the held-out subjects they share."),
     cache_dir: Optional[Path] = CacheOption,
 ):
     """Held-out inliers against each group (age; tumour): metric tables and RUN/metrics.json."""
     from neuro_ood.pipelines.evaluate import evaluate as run_evaluate
-    from neuro_ood.report import metrics_tables
+    from neuro_ood.report import comparison_table, metrics_tables
 
-    metrics = run_evaluate(run, data_dir, group_by=group_by, cache_dir=cache_dir, console=err_console)
-    for table in metrics_tables(metrics):
-        out_console.print(table)
-    out_console.print(f"metrics written to {Path(run) / 'metrics.json'}")
+    metrics = run_evaluate(runs, data_dir, group_by=group_by, cache_dir=cache_dir, console=err_console,
+                           intersection=intersection)
+    if "runs" in metrics:
+        out_console.print(comparison_table(metrics))
+    else:
+        for table in metrics_tables(metrics):
+            out_console.print(table)
+    out_console.print(f"metrics written to {Path(runs[0]) / 'metrics.json'}")
 
 
 @app.command()
@@ -141,18 +197,22 @@ def synth(
 @app.command()
 @handles_errors
 def quickstart(
-    out: Path = typer.Option(Path("quickstart"), "--out", help="Folder for the cohort, run and cache."),
+    out: Path = typer.Option(Path("quickstart"), "--out", help="Folder for the cohort, run(s) and cache."),
     config: str = typer.Option("msma_quick", "--config", "-c", help="YAML config file or shipped name."),
-    overrides: List[str] = typer.Option([], "--set", help="Override a config key."),
+    overrides: List[str] = typer.Option([], "--set", help="Override a key of the MSMA config."),
+    with_baselines: bool = typer.Option(False, "--with-baselines",
+                                        help="Also train f-AnoGAN and the ResNet classifier; compare side by side."),
 ):
     """Synthesise a cohort, train MSMA at CPU size, evaluate by age, print the tables."""
     from neuro_ood.pipelines.quickstart import quickstart as run_quickstart
-    from neuro_ood.report import metrics_tables
+    from neuro_ood.report import comparison_table, metrics_tables
 
-    metrics = run_quickstart(out, config=config, overrides=overrides, console=err_console)
-    for table in metrics_tables(metrics):
+    metrics = run_quickstart(out, config=config, overrides=overrides, console=err_console,
+                             baselines=with_baselines)
+    tables = [comparison_table(metrics)] if "runs" in metrics else metrics_tables(metrics)
+    for table in tables:
         out_console.print(table)
-    out_console.print(f"done in {metrics['seconds'] / 60:.1f} min; run in {Path(out) / 'run'}")
+    out_console.print(f"done in {metrics['seconds'] / 60:.1f} min; runs and metrics.json in {out}")
 
 
 @app.command()

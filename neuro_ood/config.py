@@ -134,13 +134,40 @@ class ScoreConfig:
     tpr: float = 0.95
 
 
+@dataclass
+class ResNetConfig:
+    """Classifier baseline (Hendrycks & Gimpel): MONAI ResNet of ``depth`` (10/18/34/50), width ×
+    ``widen``, a dense head of ``head_hidden`` units; trained on inliers against ``outlier_group``
+    (an age group, the paper's 1-year-olds), whose subjects are split like the inliers'."""
+
+    depth: int = 50
+    widen: float = 1.0
+    head_hidden: int = 1024
+    outlier_group: str = "1"
+
+
+@dataclass
+class FAnoGANConfig:
+    """f-AnoGAN baseline (Schlegl et al. 2019): WGAN-GP (``n_critic`` critic steps per generator step,
+    gradient penalty ``gp_weight``) then the izif encoder for ``encoder_steps`` steps; anomaly score =
+    image residual + ``kappa`` · critic-feature residual."""
+
+    latent_dim: int = 128
+    width: int = 64
+    n_critic: int = 5
+    gp_weight: float = 10.0
+    kappa: float = 1.0
+    encoder_steps: int = 10_000
+
+
 def _default_scorers() -> dict[str, dict[str, Any]]:
     return {"gmm": {}, "flow": {}, "kdtree": {}}
 
 
 @dataclass
 class ExperimentConfig:
-    """``method``: ``msma`` (score network + auxiliary scorers) or ``glow`` (per-scale likelihoods)."""
+    """``method``: ``msma`` (score network + auxiliary scorers), ``glow`` (per-scale likelihoods), or
+    the baselines ``fanogan`` and ``resnet``."""
 
     name: str = "msma"
     method: str = "msma"
@@ -152,6 +179,8 @@ class ExperimentConfig:
     scorers: dict[str, dict[str, Any]] = field(default_factory=_default_scorers)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     images: ImagesConfig = field(default_factory=ImagesConfig)
+    resnet: ResNetConfig = field(default_factory=ResNetConfig)
+    fanogan: FAnoGANConfig = field(default_factory=FAnoGANConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -76,3 +76,28 @@ def bpd_table(report: dict[str, Any]) -> Table:
     for model, values in report["bpd"].items():
         table.add_row(model, *(f"{values[name]:.2f}" for name in sets))
     return table
+
+
+def comparison_table(metrics: dict[str, Any], metric: str = "auroc") -> Table:
+    """Several runs side by side: a row per method × score, a column per group; ``*`` marks a group
+    the method saw in training (the ResNet baseline's outlier group)."""
+    runs = metrics["runs"]
+    groups = list(next(iter(runs.values()))["groups"])
+    unit, group_by = metrics.get("unit", "scan"), metrics.get("group_by", "age")
+    n_in = next(iter(runs.values()))["inliers"]["n"]
+    table = Table(title=f"{dict(METRIC_COLUMNS)[metric]} (%) per {unit}: held-out inliers (n={n_in}) vs "
+                        f"{group_by} group", caption="* group seen in training (classifier baseline)")
+    table.add_column("method")
+    table.add_column("score")
+    for group in groups:
+        n = next(iter(runs.values()))["groups"][group]["n"]
+        table.add_column(f"{group} (n={n})", justify="right")
+    for label, run in runs.items():
+        scorers = list(next(iter(run["groups"].values()))["scorers"])
+        for scorer in scorers:
+            cells = []
+            for group in groups:
+                value = f"{100 * run['groups'][group]['scorers'][scorer][metric]:.1f}"
+                cells.append(value + ("*" if group in run.get("seen_groups", []) else ""))
+            table.add_row(label, scorer, *cells)
+    return table

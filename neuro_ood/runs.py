@@ -21,12 +21,18 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from neuro_ood.backbones.glow import build_glow_variant
+from neuro_ood.baselines.classifier import build_resnet
+from neuro_ood.baselines.fanogan import FAnoGAN
 from neuro_ood.backbones.ncsn import NoiseConditionalScoreNet, geometric_sigmas
 from neuro_ood.config import ExperimentConfig, ModelConfig, config_from_dict, read_config_dict
 from neuro_ood.errors import ConfigError, RunError
 from neuro_ood.io import atomic_write, read_json, write_json, write_yaml
 from neuro_ood.preprocessing.presets import preprocessing_fingerprint
 from neuro_ood.training import TrainState
+
+
+# Config sections that define a network's architecture, stored beside its weights.
+NETWORK_SECTIONS = ("model", "resnet", "fanogan")
 
 
 def build_score_network(cfg: ModelConfig, in_channels: int, spatial_dims: int = 2) -> NoiseConditionalScoreNet:
@@ -45,14 +51,24 @@ def build_glow(cfg: ModelConfig, in_channels: int, image_size: Sequence[int] | N
         raise ConfigError(f"model: {err}") from None
 
 
-def build_network(method: str, cfg: ModelConfig, in_channels: int, spatial_dims: int = 2,
+def build_network(cfg: ExperimentConfig, in_channels: int, spatial_dims: int = 2,
                   image_size: Sequence[int] | None = None) -> torch.nn.Module:
-    """The backbone of ``method`` (``msma``: score network, ``glow``: a Glow variant) from its config."""
-    if method == "msma":
-        return build_score_network(cfg, in_channels, spatial_dims)
-    if method == "glow":
-        return build_glow(cfg, in_channels, image_size)
-    raise ConfigError(f"unknown method {method!r}; use 'msma' or 'glow'")
+    """The network of ``cfg.method``: score network (msma), a Glow variant (glow), f-AnoGAN's
+    generator + critic + encoder (fanogan) or a ResNet classifier (resnet)."""
+    if cfg.method == "msma":
+        return build_score_network(cfg.model, in_channels, spatial_dims)
+    if cfg.method == "glow":
+        return build_glow(cfg.model, in_channels, image_size)
+    if cfg.method == "fanogan":
+        f = cfg.fanogan
+        return FAnoGAN(in_channels, tuple(image_size), f.latent_dim, f.width, f.kappa)
+    if cfg.method == "resnet":
+        r = cfg.resnet
+        try:
+            return build_resnet(r.depth, in_channels, 2, spatial_dims, r.widen, r.head_hidden)
+        except ValueError as err:
+            raise ConfigError(f"resnet: {err}") from None
+    raise ConfigError(f"unknown method {cfg.method!r}; use msma, glow, fanogan or resnet")
 
 
 def sigmas_of(cfg: ModelConfig) -> torch.Tensor:
@@ -107,10 +123,11 @@ class RunDir:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         with atomic_write(self.file(f"{name}.safetensors")) as tmp:
             save_file(state, str(tmp))
+        sections = cfg.to_dict()
         write_json(self.file(f"{name}.json"), {
             "method": cfg.method, "preprocessing_fingerprint": preprocessing_fingerprint(cfg.preprocessing),
-            "model": cfg.to_dict()["model"], "in_channels": in_channels, "spatial_dims": spatial_dims,
-            "image_size": list(image_size) if image_size else None, "step": step})
+            **{key: sections[key] for key in NETWORK_SECTIONS}, "in_channels": in_channels,
+            "spatial_dims": spatial_dims, "image_size": list(image_size) if image_size else None, "step": step})
 
     def load_model(self, cfg: ExperimentConfig, device: torch.device | str = "cpu",
                    name: str = "model") -> torch.nn.Module:
@@ -122,9 +139,9 @@ class RunDir:
                 f"{self.path}: the checkpoint was made with other preprocessing (fingerprint "
                 f"{meta['preprocessing_fingerprint']}, this config gives {expected}); "
                 "score with the run's own preprocessing settings or train a new run")
-        model_cfg = config_from_dict({"model": meta["model"]}).model
-        model = build_network(meta.get("method", "msma"), model_cfg, meta["in_channels"], meta["spatial_dims"],
-                              meta.get("image_size"))
+        network_cfg = config_from_dict({"method": meta["method"],
+                                        **{key: meta[key] for key in NETWORK_SECTIONS if key in meta}})
+        model = build_network(network_cfg, meta["in_channels"], meta["spatial_dims"], meta.get("image_size"))
         weights = load_file(str(self._require(f"{name}.safetensors", "the network's weights")))
         model.load_state_dict(weights)
         return model.to(device).eval()

@@ -24,6 +24,20 @@ class TrainState:
     optimizer: dict | None = None
 
 
+def report_step(state: TrainState, steps: int, loss: float, snapshot: Callable[[], None],
+                on_step: Callable[[int, float], None] | None, on_checkpoint: Callable[[TrainState], None] | None,
+                checkpoint_every: int) -> None:
+    """Bookkeeping after an optimiser step: advance ``state.step``, report ``loss`` to ``on_step``, and
+    every ``checkpoint_every`` steps and at the last one store the optimiser state(s) in ``state``
+    with ``snapshot()`` and hand the state to ``on_checkpoint``."""
+    state.step += 1
+    if on_step is not None:
+        on_step(state.step, loss)
+    if on_checkpoint is not None and (state.step % checkpoint_every == 0 or state.step == steps):
+        snapshot()
+        on_checkpoint(state)
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -61,12 +75,8 @@ def train_score_network(model: nn.Module, images: torch.Tensor, sigmas: torch.Te
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        state.step = step + 1
-        if on_step is not None:
-            on_step(state.step, loss.item())
-        if on_checkpoint is not None and (state.step % checkpoint_every == 0 or state.step == steps):
-            state.optimizer = optimizer.state_dict()
-            on_checkpoint(state)
+        report_step(state, steps, loss.item(), lambda: setattr(state, "optimizer", optimizer.state_dict()),
+                    on_step, on_checkpoint, checkpoint_every)
     state.optimizer = optimizer.state_dict()
     model.eval()
     return state
@@ -265,12 +275,8 @@ def train_glow(model: nn.Module, images01: torch.Tensor, steps: int, batch_size:
             optimizer.zero_grad(set_to_none=True)
         else:
             optimizer.step()
-        state.step = step + 1
-        if on_step is not None:
-            on_step(state.step, loss.item())
-        if on_checkpoint is not None and (state.step % checkpoint_every == 0 or state.step == steps):
-            state.optimizer = optimizer.state_dict()
-            on_checkpoint(state)
+        report_step(state, steps, loss.item(), lambda: setattr(state, "optimizer", optimizer.state_dict()),
+                    on_step, on_checkpoint, checkpoint_every)
     state.optimizer = optimizer.state_dict()
     model.eval()
     return state

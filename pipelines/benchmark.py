@@ -38,7 +38,7 @@ from neuro_ood.training import glow_bits_per_dim
 from neuro_ood.pipelines.common import progress_bar
 from neuro_ood.pipelines.methods import GlowMethod, MSMAMethod
 
-DEFAULT_BENCHMARK = {"in": "digits", "out": ["constant", "photos", "uniform", "gaussian"], "general": "photos"}
+DEFAULT_BENCHMARK = {"in": "china", "out": ["flower", "constant", "digits", "gaussian"], "general": "textures"}
 DEFAULT_CONFIGS = {"msma": "msma_bench_quick", "glow": "glow_bench_quick"}
 
 

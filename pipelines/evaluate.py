@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 from rich.console import Console
 
 from neuro_ood.config import ExperimentConfig
@@ -17,7 +16,8 @@ from neuro_ood.metrics import ood_metrics
 from neuro_ood.runs import RunDir
 from neuro_ood.pipelines.common import prepare_items, score_items
 from neuro_ood.pipelines.datasets import dataset_adapter
-from neuro_ood.pipelines.methods import method_class
+from neuro_ood.pipelines.reference import reference_scores
+from neuro_ood.pipelines.registry import method_class
 
 
 @dataclass
@@ -108,18 +108,22 @@ def evaluate(run_dirs: str | Path | Sequence[str | Path], data_dir: str | Path, 
         members: dict[str, list[int]] = defaultdict(list)
         for index, item in enumerate(items):
             members[item.group].append(index)
+        inliers = reference_scores(loaded.reference, keep)
         groups = {}
         for group in sorted(members, key=_group_order):
             index = members[group]
+            group_scores = method.group_view({name: values[index] for name, values in scores.items()}, group)
+            group_inliers = method.group_view(inliers, group)
             groups[group] = {"n": len(index), "scorers": {
-                name: ood_metrics(np.asarray(loaded.reference["scorers"][name]["scores"])[keep], values[index])
-                for name, values in scores.items()}}
-        per_run[label] = {"run": str(loaded.run.path), "inliers": {"n": len(keep)}, "groups": groups}
+                name: ood_metrics(group_inliers[name], values) for name, values in group_scores.items()}}
+        per_run[label] = {"run": str(loaded.run.path), "inliers": {"n": len(keep)}, "groups": groups,
+                          "seen_groups": list(method.seen_groups)}
 
     first = next(iter(per_run.values()))
     metrics = {
         "run": first["run"], "data_dir": str(data_dir), "method": runs[0].cfg.method, "dataset": runs[0].cfg.dataset,
         "unit": adapter.unit, "group_by": adapter.group_by, "inliers": first["inliers"], "groups": first["groups"],
+        "seen_groups": first["seen_groups"],
         "failed": [{"path": p, "reason": r} for p, r in failures],
     }
     if len(runs) > 1:

@@ -21,7 +21,7 @@ from rich.progress import TextColumn
 
 from neuro_ood.backbones.glow import Glow
 from neuro_ood.config import ExperimentConfig
-from neuro_ood.errors import ConfigError, RunError
+from neuro_ood.errors import RunError
 from neuro_ood.features import glow_anomaly_scores, glow_log_likelihoods, score_norms
 from neuro_ood.runs import RunDir, build_network, sigmas_of
 from neuro_ood.scorers import AuxiliaryScorer, build_scorer, load_scorers, save_scorers
@@ -31,13 +31,17 @@ from neuro_ood.pipelines.common import progress_bar
 
 def _train_with_progress(console: Console, cfg: ExperimentConfig, run: RunDir, model: torch.nn.Module,
                          images_shape: Sequence[int], state: TrainState | None, description: str,
-                         fit: Callable[..., TrainState]) -> tuple[TrainState, float]:
+                         fit: Callable[..., TrainState], total: int | None = None,
+                         offset: int = 0) -> tuple[TrainState, float]:
     """Run ``fit(state, on_step, on_checkpoint)`` with a progress bar and checkpoints into ``run``;
-    return the final state and the last training loss."""
+    return the final state and the last training loss. ``offset`` is added to the stored step
+    (for methods trained in stages that share one step counter); ``total`` defaults to the
+    configured steps."""
+    total = cfg.training.steps if total is None else total
 
     def checkpoint(train_state: TrainState) -> None:
-        run.save_model(model, cfg, images_shape[1], train_state.step, image_size=images_shape[2:])
-        run.save_train_state(train_state)
+        run.save_model(model, cfg, images_shape[1], offset + train_state.step, image_size=images_shape[2:])
+        run.save_train_state(TrainState(offset + train_state.step, train_state.optimizer))
 
     last_loss = [float("nan")]
 
@@ -46,8 +50,8 @@ def _train_with_progress(console: Console, cfg: ExperimentConfig, run: RunDir, m
         progress.update(task, completed=step, loss=loss)
 
     with progress_bar(console, TextColumn("loss {task.fields[loss]:.3g}")) as progress:
-        task = progress.add_task(description, total=cfg.training.steps,
-                                 completed=state.step if state else 0, loss=float("nan"))
+        task = progress.add_task(description, total=total, completed=state.step if state else 0,
+                                 loss=float("nan"))
         state = fit(state, on_step, checkpoint)
     if state.step == 0 or not run.file("model.safetensors").is_file():
         checkpoint(state)
@@ -63,16 +67,26 @@ def _initial_model(cfg: ExperimentConfig, run: RunDir, images_shape: Sequence[in
         console.print(f"resuming from step {state.step}")
         return run.load_model(cfg, device), state
     torch.manual_seed(cfg.training.seed)
-    return build_network(cfg.method, cfg.model, images_shape[1], image_size=images_shape[2:]).to(device), None
+    return build_network(cfg, images_shape[1], image_size=images_shape[2:]).to(device), None
 
 
-class MSMAMethod:
+class SliceMethod:
+    """Shared behaviour: scores are the same for every evaluation group unless a method says otherwise."""
+
+    final_loss = float("nan")
+    seen_groups: tuple[str, ...] = ()
+
+    def group_view(self, scores: dict[str, np.ndarray], group: str | None) -> dict[str, np.ndarray]:
+        """The scores that stand for ``group`` (``None``: the reference); identity by default."""
+        return scores
+
+
+class MSMAMethod(SliceMethod):
     """Score norms at L noise levels, scored by each fitted auxiliary scorer."""
 
     def __init__(self, model: torch.nn.Module, sigmas: torch.Tensor, scorers: dict[str, AuxiliaryScorer],
                  batch_size: int = 64):
         self.model, self.sigmas, self.scorers, self.batch_size = model, sigmas, scorers, batch_size
-        self.final_loss = float("nan")
 
     def features(self, images: np.ndarray) -> np.ndarray:
         """``(N, C, H, W)`` -> ``(N, L)`` score norms."""
@@ -122,12 +136,11 @@ def _glow_input_size(cfg: ExperimentConfig, height: int, width: int) -> tuple[in
     return Glow.padded_size(height, width, cfg.model.n_scales)
 
 
-class GlowMethod:
+class GlowMethod(SliceMethod):
     """Per-scale Glow log-likelihoods of noise-free inputs (slices zero-padded to the Glow's multiple)."""
 
     def __init__(self, model: Glow, general: Glow | None = None, batch_size: int = 64):
         self.model, self.general, self.batch_size = model, general, batch_size
-        self.final_loss = float("nan")
 
     @staticmethod
     def pad(images: np.ndarray, target: Sequence[int]) -> np.ndarray:
@@ -200,10 +213,3 @@ class GlowMethod:
         return method
 
 
-METHODS = {"msma": MSMAMethod, "glow": GlowMethod}
-
-
-def method_class(cfg: ExperimentConfig):
-    if cfg.method not in METHODS:
-        raise ConfigError(f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}")
-    return METHODS[cfg.method]

@@ -10,6 +10,11 @@ from scipy.stats import percentileofscore
 from neuro_ood.pipelines.datasets import Item
 
 
+def threshold(reference_scores: np.ndarray, tpr: float) -> float:
+    """The score below which an item is flagged: ``tpr`` of the reference items lie at or above it."""
+    return float(np.quantile(reference_scores, 1.0 - tpr))
+
+
 def build_reference(scores: dict[str, np.ndarray], items: Sequence[Item], tpr: float) -> dict[str, Any]:
     """Per score: the held-out inlier item scores and the threshold that keeps ``tpr`` of them.
 
@@ -19,16 +24,17 @@ def build_reference(scores: dict[str, np.ndarray], items: Sequence[Item], tpr: f
     return {
         "tpr": tpr,
         "items": [item.key for item in items],
-        "scorers": {name: {"scores": [float(v) for v in values],
-                           "threshold": float(np.quantile(values, 1.0 - tpr))}
+        "scorers": {name: {"scores": [float(v) for v in values], "threshold": threshold(np.asarray(values), tpr)}
                     for name, values in scores.items()},
     }
 
 
-def percentile(reference: dict[str, Any], scorer: str, score: float) -> float:
-    """Percentage of held-out inliers scoring at or below ``score`` (low = atypical)."""
-    return float(percentileofscore(reference["scorers"][scorer]["scores"], score, kind="weak"))
+def reference_scores(reference: dict[str, Any], keep: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+    """``{score name: (n,)}`` of the reference items (all, or those at positions ``keep``)."""
+    arrays = {name: np.asarray(entry["scores"], dtype=np.float64) for name, entry in reference["scorers"].items()}
+    return arrays if keep is None else {name: values[list(keep)] for name, values in arrays.items()}
 
 
-def is_flagged(reference: dict[str, Any], scorer: str, score: float) -> bool:
-    return bool(score < reference["scorers"][scorer]["threshold"])
+def percentile(reference_values: np.ndarray, score: float) -> float:
+    """Percentage of reference items scoring at or below ``score`` (low = atypical)."""
+    return float(percentileofscore(reference_values, score, kind="weak"))

@@ -12,8 +12,8 @@ from neuro_ood.errors import NeuroOODError
 from neuro_ood.runs import RunDir
 from neuro_ood.pipelines.common import prepare_items, score_items
 from neuro_ood.pipelines.datasets import dataset_adapter
-from neuro_ood.pipelines.methods import method_class
-from neuro_ood.pipelines.reference import is_flagged, percentile
+from neuro_ood.pipelines.registry import method_class
+from neuro_ood.pipelines.reference import percentile, reference_scores, threshold
 
 
 @dataclass
@@ -54,13 +54,15 @@ def score_scans(run_dir: str | Path, paths: Sequence[str | Path], cache_dir: str
         except NeuroOODError as err:
             failures.append((str(path), str(err)))
     prepared = prepare_items(adapter, sources, cache_dir, console, "preprocess")
-    scores = score_items(method, prepared.items, console=console, description="score")
-    primary = cfg.score.primary if cfg.score.primary in scores else next(iter(scores), cfg.score.primary)
+    scores = method.group_view(score_items(method, prepared.items, console=console, description="score"), None)
+    normative = method.group_view(reference_scores(reference), None)
+    thresholds = {name: threshold(values, reference["tpr"]) for name, values in normative.items()}
+    primary = cfg.score.primary if cfg.score.primary in normative else next(iter(normative))
     results = []
     for index, item in enumerate(prepared.items):
-        values = {name: float(scores[name][index]) for name in scores}
-        flags = {name: is_flagged(reference, name, v) for name, v in values.items()}
+        values = {name: float(scores[name][index]) for name in normative}
+        flags = {name: bool(v < thresholds[name]) for name, v in values.items()}
         results.append(ScanResult(path=item.label, scores=values,
-                                  percentiles={name: percentile(reference, name, v) for name, v in values.items()},
+                                  percentiles={name: percentile(normative[name], v) for name, v in values.items()},
                                   flags=flags, primary=primary, flagged=flags[primary]))
     return ScoreReport(results=results, failures=failures + prepared.failures)

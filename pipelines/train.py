@@ -16,7 +16,7 @@ from neuro_ood.preprocessing.presets import preprocessing_fingerprint
 from neuro_ood.runs import RunDir
 from neuro_ood.pipelines.common import prepare_items, score_items
 from neuro_ood.pipelines.datasets import dataset_adapter
-from neuro_ood.pipelines.methods import method_class
+from neuro_ood.pipelines.registry import method_class
 from neuro_ood.pipelines.reference import build_reference
 
 
@@ -44,6 +44,27 @@ def _check_resumable(run: RunDir, cfg: ExperimentConfig) -> None:
                        "choose a new --out or pass the same preprocessing settings")
 
 
+def _outlier_group_items(adapter, cfg: ExperimentConfig, sources, inlier_subjects: set[str], train_items,
+                         cache_dir, console) -> tuple[list, set[str]]:
+    """Training items of ``resnet.outlier_group``: that group's items in the training sources (BraTS
+    tumour slices) and those of a subject split of the other sources (the paper's 1-year-olds), split
+    like the inliers so that the rest of the group stays unseen for evaluation."""
+    group = str(cfg.resnet.outlier_group)
+    others = prepare_items(adapter, [s for s in sources if s.subject not in inlier_subjects], cache_dir, console,
+                           f"preprocess group {group}")
+    candidates = [i for i in others.items if i.group == group]
+    seen: set[str] = set()
+    if candidates:
+        subjects = sorted({i.subject for i in candidates})
+        seen = set(split_subjects(candidates, cfg.data.heldout_fraction, cfg.data.split_seed)[0]
+                   if len(subjects) > 1 else subjects)
+    items = [i for i in candidates if i.subject in seen] + [i for i in train_items if i.group == group]
+    if not items:
+        raise CohortError(f"no item of the outlier group {group!r} to train the classifier on "
+                          f"(set resnet.outlier_group to one of the cohort's {adapter.group_by} groups)")
+    return items, seen
+
+
 def train(cfg: ExperimentConfig, data_dir: str | Path, out: str | Path, cache_dir: str | Path | None = None,
           console: Console | None = None, resume: bool = True) -> TrainSummary:
     """Train ``cfg.method`` on the inliers of ``data_dir`` and store everything needed to score in ``out``.
@@ -59,7 +80,8 @@ def train(cfg: ExperimentConfig, data_dir: str | Path, out: str | Path, cache_di
     run = RunDir(out)
     if resume:
         _check_resumable(run, cfg)
-    sources = [s for s in adapter.sources(data_dir) if adapter.has_inliers(s)]
+    all_sources = adapter.sources(data_dir)
+    sources = [s for s in all_sources if adapter.has_inliers(s)]
     if not sources:
         low, high = cfg.data.inlier_ages
         raise CohortError(f"{data_dir}: no scan with an age in {low:g}–{high:g} years "
@@ -73,6 +95,7 @@ def train(cfg: ExperimentConfig, data_dir: str | Path, out: str | Path, cache_di
     run.save_split(train_subjects, heldout_subjects)
 
     train_set, heldout_set = set(train_subjects), set(heldout_subjects)
+    extra = {}
     prepared_train = prepare_items(adapter, [s for s in sources if s.subject in train_set], cache_dir, console,
                                    "preprocess train")
     prepared_held = prepare_items(adapter, [s for s in sources if s.subject in heldout_set], cache_dir, console,
@@ -85,8 +108,13 @@ def train(cfg: ExperimentConfig, data_dir: str | Path, out: str | Path, cache_di
     if not train_items or not held_items:
         raise CohortError("no usable training or held-out inlier scan after preprocessing")
 
+    if getattr(method_cls, "needs_outlier_group", False):
+        outlier_items, seen_subjects = _outlier_group_items(adapter, cfg, all_sources, train_set | heldout_set,
+                                                            prepared_train.items, cache_dir, console)
+        run.save_split(sorted(train_set | seen_subjects), heldout_subjects)
+        extra["outliers"] = np.concatenate([item.slices for item in outlier_items])
     images = np.concatenate([item.slices for item in train_items])
-    method = method_cls.train(cfg, run, images, console, resume)
+    method = method_cls.train(cfg, run, images, console, resume, **extra)
     held_scores = score_items(method, held_items, console=console, description="score held-out")
     run.save_reference(build_reference(held_scores, held_items, cfg.score.tpr))
     state = run.load_train_state()

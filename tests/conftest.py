@@ -5,7 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+from typer.testing import CliRunner
 
+from neuro_ood.cli.main import app
 from neuro_ood.data.synthetic import write_synthetic_cohort
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -27,6 +30,15 @@ TINY_OVERRIDES = [
 
 
 @pytest.fixture(autouse=True)
+def _single_thread():
+    """Tiny convolutions run up to ~100× slower with two intra-op threads on busy cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("NEURO_OOD_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
@@ -43,3 +55,15 @@ def shared_data(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent (the shared development data is not beside this checkout)")
     return path
+
+
+def invoke(*args):
+    """Run the CLI in-process; any exception but the CLI's own exit is a test failure."""
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result
+
+
+def set_args(overrides) -> list[str]:
+    """``["a=1", "b=2"]`` -> ``["--set", "a=1", "--set", "b=2"]``."""
+    return [arg for override in overrides for arg in ("--set", override)]

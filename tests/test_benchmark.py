@@ -5,12 +5,8 @@ import json
 
 import numpy as np
 import pytest
-import torch
-from typer.testing import CliRunner
 
-from neuro_ood.cli.main import app
-
-runner = CliRunner()
+from tests.conftest import invoke, set_args
 
 TINY = [
     "images.size=[16, 16]", "images.n_train=48", "images.n_test=24",
@@ -23,29 +19,11 @@ TINY = [
 METRICS = {"auroc", "aupr_in", "aupr_out", "fpr_at_95_tpr", "detection_error", "fpr_at_80_tpr"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def invoke(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    return result
-
-
-def sets():
-    return [arg for override in TINY for arg in ("--set", override)]
-
-
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
     result = invoke("benchmark", "--in", "digits", "--out", "constant", "--out", "uniform", "--general", "photos",
-                    "--model", "all", *sets(), "--run-dir", root)
+                    "--model", "all", *set_args(TINY), "--run-dir", root)
     assert result.exit_code == 0, result.output
     return root, result
 
@@ -67,7 +45,7 @@ def test_benchmark_writes_every_method_for_every_pair(bench):
 def test_benchmark_reuses_trained_models(bench):
     root, _ = bench
     stamp = (root / "digits" / "glow" / "model.safetensors").stat().st_mtime_ns
-    result = invoke("benchmark", "--in", "digits", "--out", "constant", "--model", "glow", *sets(),
+    result = invoke("benchmark", "--in", "digits", "--out", "constant", "--model", "glow", *set_args(TINY),
                     "--run-dir", root)
     assert result.exit_code == 0, result.output
     assert (root / "digits" / "glow" / "model.safetensors").stat().st_mtime_ns == stamp
@@ -103,7 +81,7 @@ def test_benchmark_reads_a_data_root_with_only_a_test_split(tmp_path):
     write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", images, 0x803)
     write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", rng.integers(0, 10, 60), 0x801)
     result = invoke("benchmark", "--in", "mnist", "--out", "gaussian", "--data-root", tmp_path, "--model", "glow",
-                    *sets(), "--run-dir", tmp_path / "run")
+                    *set_args(TINY), "--run-dir", tmp_path / "run")
     assert result.exit_code == 0, result.output
     assert "80/20" in result.stderr
     report = json.loads((tmp_path / "run" / "benchmark.json").read_text())
@@ -119,7 +97,7 @@ def test_benchmark_errors_are_one_line(tmp_path):
 
 @pytest.mark.parametrize("variant", ["local", "fc"])
 def test_glow_model_bias_variants_run_in_the_benchmark(tmp_path, variant):
-    result = invoke("benchmark", "--in", "digits", "--out", "constant", "--model", "glow", *sets(),
+    result = invoke("benchmark", "--in", "digits", "--out", "constant", "--model", "glow", *set_args(TINY),
                     "--set", f"model.variant={variant}", "--set", "model.patch=8", "--run-dir", tmp_path)
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "benchmark.json").read_text())

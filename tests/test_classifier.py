@@ -8,15 +8,6 @@ from neuro_ood.baselines.classifier import (SCORE_KEYS, build_resnet, classifier
 from neuro_ood.training import TrainState
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny convolutions run ~100× slower with two intra-op threads on busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _squares(n_dark: int, n_bright: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``(N, 1, 16, 16)`` noisy backgrounds with a dark (label 0) or bright (label 1) 6×6 square at
     a random place, and the ``(N,)`` labels."""

@@ -3,30 +3,16 @@
 import json
 
 import pytest
-from typer.testing import CliRunner
 
-from neuro_ood.cli.main import app
-from tests.conftest import TINY_OVERRIDES
+from tests.conftest import TINY_OVERRIDES, invoke, set_args
 from tests.test_nifti import write_bad_files
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    return result
-
-
-def tiny_sets():
-    return [arg for override in TINY_OVERRIDES for arg in ("--set", override)]
 
 
 @pytest.fixture(scope="module")
 def trained_run(tiny_cohort, tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
     result = invoke("train", "--dataset", "abcd", "--data-dir", tiny_cohort, "--config", "msma_quick",
-                    *tiny_sets(), "--out", run)
+                    *set_args(TINY_OVERRIDES), "--out", run)
     assert result.exit_code == 0, result.output
     return run
 
@@ -106,7 +92,7 @@ def test_scoring_with_other_preprocessing_is_refused(trained_run, tiny_cohort, t
 
 
 def test_train_resumes_from_its_checkpoint(trained_run, tiny_cohort):
-    result = invoke("train", "--data-dir", tiny_cohort, "--config", "msma_quick", *tiny_sets(),
+    result = invoke("train", "--data-dir", tiny_cohort, "--config", "msma_quick", *set_args(TINY_OVERRIDES),
                     "--set", "training.steps=14", "--out", trained_run)
     assert result.exit_code == 0, result.output
     assert "resuming from step 12" in result.stderr

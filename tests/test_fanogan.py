@@ -12,15 +12,6 @@ from neuro_ood.baselines.fanogan import (Critic, Encoder, FAnoGAN, GanTrainState
 from neuro_ood.training import TrainState
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny convolutions run ~100× slower with two intra-op threads on busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 SIZE = (12, 14)
 LATENT = 8
 WIDTH = 4
@@ -61,9 +52,12 @@ def test_gradient_penalty_is_positive_for_a_random_critic_and_trains_it():
     gp = gradient_penalty(critic, real, fake, torch.Generator().manual_seed(2))
     assert gp.dim() == 0 and torch.isfinite(gp) and gp.item() > 0
     gp.backward()
-    grads = [p.grad for p in critic.parameters()]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads)
-    assert sum(g.abs().sum().item() for g in grads) > 0
+    # The output bias does not change ∇ₓD, so it gets no gradient (and a bias right before a
+    # piecewise-linear activation gets zero); every weight gets a non-zero one.
+    grads = {name: p.grad for name, p in critic.named_parameters()}
+    assert grads.pop("output.bias") is None
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
+    assert all(g.abs().sum().item() > 0 for name, g in grads.items() if name.endswith("weight"))
 
 
 def test_gradient_penalty_vanishes_for_a_unit_linear_critic():
@@ -136,32 +130,34 @@ def test_anomaly_score_is_image_residual_plus_kappa_times_feature_residual(kappa
 
 
 def test_encoder_training_lowers_the_izif_residual_and_leaves_g_and_d_alone():
-    generator, critic, encoder = _nets(2)
+    generator, critic, encoder = _nets(3)
+    images = _waves(32, 5)
+    # A few GAN steps first: an untrained generator's output hardly depends on z.
+    train_wgan_gp(generator, critic, images, steps=50, batch_size=16, n_critic=2, lr=1e-3)
     generator.train()
     critic.train()
     g_before = {k: v.clone() for k, v in generator.state_dict().items()}
     d_before = {k: v.clone() for k, v in critic.state_dict().items()}
-    images = _waves(32, 5)
     with torch.no_grad():
         generator.eval()
         before = izif_loss(images, encoder, generator, critic).item()
         generator.train()
     seen = []
-    state = train_izif_encoder(encoder, generator, critic, images, steps=50, batch_size=16, lr=2e-3, seed=0,
+    state = train_izif_encoder(encoder, generator, critic, images, steps=100, batch_size=16, lr=2e-3, seed=0,
                                on_step=lambda step, loss: seen.append(step))
-    assert state.step == 50 and seen == list(range(1, 51)) and state.optimizer is not None
+    assert state.step == 100 and seen == list(range(1, 101)) and state.optimizer is not None
     with torch.no_grad():
         generator.eval()
         after = izif_loss(images, encoder, generator, critic).item()
         generator.train()
-    assert after < 0.7 * before
+    assert after < 0.6 * before
     # G and D untouched (batch-norm statistics included), modes and flags restored.
     assert all(torch.equal(v, g_before[k]) for k, v in generator.state_dict().items())
     assert all(torch.equal(v, d_before[k]) for k, v in critic.state_dict().items())
     assert generator.training and critic.training
     assert all(p.requires_grad for p in list(generator.parameters()) + list(critic.parameters()))
     # Resumes to more steps.
-    assert train_izif_encoder(encoder, generator, critic, images, steps=52, batch_size=16, state=state).step == 52
+    assert train_izif_encoder(encoder, generator, critic, images, steps=102, batch_size=16, state=state).step == 102
 
 
 def test_train_wgan_gp_runs_resumes_and_updates_both_networks():

@@ -12,15 +12,6 @@ from neuro_ood.losses import (center_bins, dequantize, glow_nll_bits, margin_out
 from neuro_ood.training import GlowTrainState, TrainState, _augment, glow_bits_per_dim, train_glow
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny convolutions run ~100× slower with two intra-op threads on busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _tiny_glow(seed: int = 0) -> Glow:
     torch.manual_seed(seed)
     return Glow(in_channels=1, n_scales=2, steps_per_scale=2, hidden=16)

@@ -13,15 +13,6 @@ from neuro_ood.features import glow_log_likelihoods
 from neuro_ood.training import train_glow
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny convolutions run ~100× slower with two intra-op threads on busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _perturb_zero_layers(model: torch.nn.Module, scale: float = 0.1) -> None:
     """Give the zero-initialised coupling outputs and learned priors small random values."""
     with torch.no_grad():

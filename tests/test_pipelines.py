@@ -3,13 +3,10 @@
 import json
 
 import pytest
-from typer.testing import CliRunner
 
-from neuro_ood.cli.main import app
-from tests.conftest import TINY_OVERRIDES
+from tests.conftest import TINY_OVERRIDES, invoke, set_args
 from tests.test_brats import write_case
 
-runner = CliRunner()
 
 TINY_GLOW = [
     "preprocessing.spacing_mm=[4.0, 4.0, 4.0]", "preprocessing.slice_size=[45, 55]",
@@ -20,21 +17,11 @@ TINY_BRATS = ["preprocessing.slice_size=[44, 48]", "data.heldout_fraction=0.3",
               *[o for o in TINY_OVERRIDES if not o.startswith("preprocessing.")]]
 
 
-def invoke(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    return result
-
-
-def sets(overrides):
-    return [arg for override in overrides for arg in ("--set", override)]
-
-
 @pytest.fixture(scope="module")
 def glow_run(tiny_cohort, tmp_path_factory):
     run = tmp_path_factory.mktemp("glow") / "run"
     result = invoke("train", "--dataset", "abcd", "--model", "glow", "--config", "glow_quick",
-                    *sets(TINY_GLOW), "--data-dir", tiny_cohort, "--out", run)
+                    *set_args(TINY_GLOW), "--data-dir", tiny_cohort, "--out", run)
     assert result.exit_code == 0, result.output
     return run
 
@@ -52,7 +39,7 @@ def test_glow_run_evaluates_by_age_with_raw_and_last_scale(glow_run, tiny_cohort
 
 def test_glow_likelihood_ratio_against_a_general_run(glow_run, tiny_cohort, tmp_path):
     run = tmp_path / "ratio"
-    result = invoke("train", "--model", "glow", "--config", "glow_quick", *sets(TINY_GLOW),
+    result = invoke("train", "--model", "glow", "--config", "glow_quick", *set_args(TINY_GLOW),
                     "--set", f"model.general_run={glow_run}", "--data-dir", tiny_cohort, "--out", run)
     assert result.exit_code == 0, result.output
     scan = sorted(tiny_cohort.glob("sub-*/anat/*.nii.gz"))[-1]
@@ -69,7 +56,7 @@ def test_model_and_config_must_agree(tiny_cohort, tmp_path):
 
 
 def test_a_run_directory_keeps_its_method(glow_run, tiny_cohort):
-    result = invoke("train", "--config", "msma_quick", *sets(TINY_OVERRIDES), "--data-dir", tiny_cohort,
+    result = invoke("train", "--config", "msma_quick", *set_args(TINY_OVERRIDES), "--data-dir", tiny_cohort,
                     "--out", glow_run)
     assert result.exit_code == 2 and "glow run" in result.stderr
 
@@ -84,7 +71,7 @@ def brats_cases(tmp_path_factory):
 
 def test_brats_msma_trains_on_tumour_free_slices_and_evaluates_tumour(brats_cases, tmp_path):
     run = tmp_path / "run"
-    result = invoke("train", "--dataset", "brats", "--config", "msma_brats", *sets(TINY_BRATS),
+    result = invoke("train", "--dataset", "brats", "--config", "msma_brats", *set_args(TINY_BRATS),
                     "--data-dir", brats_cases, "--out", run)
     assert result.exit_code == 0, result.output
     split = json.loads((run / "split.json").read_text())

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from monai.networks.nets import ResNet
 from torch import nn
 
-from neuro_ood.training import TrainState
+from neuro_ood.training import TrainState, report_step
 
 #: depth -> (MONAI block, blocks per stage); the standard He et al. / Hara et al. layouts.
 RESNET_LAYOUTS: dict[int, tuple[str, list[int]]] = {
@@ -187,12 +187,8 @@ def train_classifier(model: nn.Module, images01: torch.Tensor | np.ndarray, labe
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        state.step = step + 1
-        if on_step is not None:
-            on_step(state.step, loss.item())
-        if on_checkpoint is not None and (state.step % checkpoint_every == 0 or state.step == steps):
-            state.optimizer = optimizer.state_dict()
-            on_checkpoint(state)
+        report_step(state, steps, loss.item(), lambda: setattr(state, "optimizer", optimizer.state_dict()),
+                    on_step, on_checkpoint, checkpoint_every)
     state.optimizer = optimizer.state_dict()
     model.eval()
     return state

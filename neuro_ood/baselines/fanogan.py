@@ -31,7 +31,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from neuro_ood.training import TrainState
+from neuro_ood.training import TrainState, report_step
 
 
 def _pair(image_size: int | Sequence[int]) -> tuple[int, int]:
@@ -390,6 +390,10 @@ def train_wgan_gp(generator: Generator, critic: nn.Module, images01: torch.Tenso
     critic_params = [p for p in critic.parameters() if p.requires_grad]
     generator.train()
     critic.train()
+
+    def snapshot() -> None:
+        state.generator_optimizer, state.critic_optimizer = opt_g.state_dict(), opt_d.state_dict()
+
     for step in range(state.step, steps):
         for _ in range(n_critic):
             real = images[torch.randint(len(images), (b,), generator=rng)].to(device)
@@ -410,13 +414,8 @@ def train_wgan_gp(generator: Generator, critic: nn.Module, images01: torch.Tenso
         finally:
             for p in critic_params:
                 p.requires_grad_(True)
-        state.step = step + 1
-        if on_step is not None:
-            on_step(state.step, d_loss.item())
-        if on_checkpoint is not None and (state.step % checkpoint_every == 0 or state.step == steps):
-            state.generator_optimizer, state.critic_optimizer = opt_g.state_dict(), opt_d.state_dict()
-            on_checkpoint(state)
-    state.generator_optimizer, state.critic_optimizer = opt_g.state_dict(), opt_d.state_dict()
+        report_step(state, steps, d_loss.item(), snapshot, on_step, on_checkpoint, checkpoint_every)
+    snapshot()
     generator.eval()
     critic.eval()
     return state
@@ -468,12 +467,8 @@ def train_izif_encoder(encoder: nn.Module, generator: nn.Module, critic: nn.Modu
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                state.step = step + 1
-                if on_step is not None:
-                    on_step(state.step, loss.item())
-                if on_checkpoint is not None and (state.step % checkpoint_every == 0 or state.step == steps):
-                    state.optimizer = optimizer.state_dict()
-                    on_checkpoint(state)
+                report_step(state, steps, loss.item(), lambda: setattr(state, "optimizer", optimizer.state_dict()),
+                            on_step, on_checkpoint, checkpoint_every)
         finally:
             for p, flag in frozen:
                 p.requires_grad_(flag)
@@ -512,6 +507,8 @@ class FAnoGAN(nn.Module):
     def score(self, x: torch.Tensor, kappa: float | None = None, batch_size: int = 256) -> torch.Tensor:
         """:func:`anomaly_score` of ``x (B, C, H, W)`` in batches -> ``(B,)``, higher = more anomalous."""
         kappa = self.kappa if kappa is None else kappa
+        if len(x) == 0:
+            return torch.zeros(0)
         device = _device(self)
         return torch.cat([anomaly_score(x[i:i + batch_size].to(device), self.encoder, self.generator,
                                         self.critic, kappa).cpu()
@@ -519,6 +516,8 @@ class FAnoGAN(nn.Module):
 
     def residual_map(self, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         """:func:`residual_map` of ``x (B, C, H, W)`` in batches -> ``(B, C, H, W)``."""
+        if len(x) == 0:
+            return torch.zeros(x.shape)
         device = _device(self)
         return torch.cat([residual_map(x[i:i + batch_size].to(device), self.encoder, self.generator).cpu()
                           for i in range(0, len(x), batch_size)])

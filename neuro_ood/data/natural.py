@@ -17,6 +17,7 @@ import tarfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -335,7 +336,10 @@ def read_image_folder(path, size: tuple[int, int] | None = None) -> ImageSet:
     loose = images_in(path)
     if classes and loose:
         raise DatasetError(path, f"mixes {len(loose)} loose images with class subfolders; use one layout")
-    files = [(f, i) for i, c in enumerate(classes) for f in images_in(path / c)] if classes else [(f, -1) for f in loose]
+    if classes:
+        files = [(f, i) for i, c in enumerate(classes) for f in images_in(path / c)]
+    else:
+        files = [(f, -1) for f in loose]
     if not files:
         raise DatasetError(path, f"no images ({', '.join(IMAGE_SUFFIXES)}) here or in its subfolders")
     gray_modes = {"1", "L", "LA", "I", "F", "I;16", "I;16B", "I;16L"}
@@ -447,21 +451,49 @@ def _digits(n, size, channels, seed, split):
     return ImageSet("digits", images, labels)
 
 
-def _photos(n, size, channels, seed, split):
-    from sklearn.datasets import load_sample_images
+def _sklearn_photos(*names: str) -> list[np.ndarray]:
+    """scikit-learn's sample photos (china.jpg, flower.jpg) as (H, W, 3) uint8."""
+    from sklearn.datasets import load_sample_image
 
-    h, w = size or (32, 32)
-    photos = load_sample_images().images  # china.jpg, flower.jpg: (427, 640, 3) uint8
-    rng = _rng(seed, split)
-    which = rng.integers(0, len(photos), n)
-    out = np.empty((n, 3, h, w), dtype=np.float32)
-    for i, k in enumerate(which):
-        ph, pw = photos[k].shape[:2]
-        if h > ph or w > pw:
-            raise ValueError(f"photos: crop {h}x{w} is larger than the sample photo {ph}x{pw}")
-        y, x = rng.integers(0, ph - h + 1), rng.integers(0, pw - w + 1)
-        out[i] = photos[k][y:y + h, x:x + w].transpose(2, 0, 1) / 255.0
-    return ImageSet("photos", out, None)
+    return [load_sample_image(f"{name}.jpg") for name in names]
+
+
+def _matplotlib_textures() -> list[np.ndarray]:
+    """matplotlib's sample data as (H, W, 3) uint8: a portrait photo (grace_hopper.jpg) and two
+    terrain elevation maps (jacksboro_fault_dem, topobathy) rendered as grey levels."""
+    from matplotlib import cbook
+    from matplotlib.image import imread
+
+    def grey(array: np.ndarray) -> np.ndarray:
+        array = np.nan_to_num(np.asarray(array, dtype=np.float64))
+        low, high = np.percentile(array, [1, 99])
+        scaled = np.clip((array - low) / max(high - low, 1e-9), 0, 1)
+        return np.repeat((scaled * 255).astype(np.uint8)[..., None], 3, axis=2)
+
+    portrait = np.asarray(imread(cbook.get_sample_data("grace_hopper.jpg")))[..., :3]
+    dem = cbook.get_sample_data("jacksboro_fault_dem.npz")["elevation"]
+    bathy = cbook.get_sample_data("topobathy.npz")["topo"]
+    return [portrait.astype(np.uint8), grey(dem), grey(bathy)]
+
+
+def _crops(name: str, load: Callable[[], list[np.ndarray]]):
+    """A built-in of seeded random crops of the photos ``load`` returns, RGB."""
+
+    def make(n, size, channels, seed, split):
+        h, w = size or (32, 32)
+        photos = load()
+        rng = _rng(seed, split)
+        which = rng.integers(0, len(photos), n)
+        out = np.empty((n, 3, h, w), dtype=np.float32)
+        for i, k in enumerate(which):
+            ph, pw = photos[k].shape[:2]
+            if h > ph or w > pw:
+                raise ValueError(f"{name}: crop {h}x{w} is larger than the sample photo {ph}x{pw}")
+            y, x = rng.integers(0, ph - h + 1), rng.integers(0, pw - w + 1)
+            out[i] = photos[k][y:y + h, x:x + w].transpose(2, 0, 1) / 255.0
+        return ImageSet(name, out, None)
+
+    return make
 
 
 def _noise(kind):
@@ -480,7 +512,10 @@ def _noise(kind):
 
 BUILTIN = {
     "digits": _digits,      # sklearn load_digits, 1797 8x8 greyscale, labels 0-9
-    "photos": _photos,      # seeded random crops of sklearn's two sample photos, RGB
+    "photos": _crops("photos", lambda: _sklearn_photos("china", "flower")),  # crops of sklearn's sample photos
+    "china": _crops("china", lambda: _sklearn_photos("china")),      # a detailed city scene
+    "flower": _crops("flower", lambda: _sklearn_photos("flower")),   # a flower on a smooth background
+    "textures": _crops("textures", _matplotlib_textures),            # matplotlib's portrait and terrain maps
     "uniform": _noise("uniform"),
     "gaussian": _noise("gaussian"),
     "constant": _noise("constant"),
