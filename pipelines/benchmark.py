@@ -35,7 +35,7 @@ from neuro_ood.io import write_json
 from neuro_ood.metrics import ood_metrics
 from neuro_ood.runs import RunDir
 from neuro_ood.training import glow_bits_per_dim
-from neuro_ood.pipelines.common import progress_bar
+from neuro_ood.pipelines.common import batched
 from neuro_ood.pipelines.methods import GlowMethod, MSMAMethod
 
 DEFAULT_BENCHMARK = {"in": "china", "out": ["flower", "constant", "digits", "gaussian"], "general": "textures"}
@@ -83,18 +83,8 @@ def load_sets(in_spec: str, out_specs: Sequence[str], general_spec: str | None, 
 
 
 def _score_sets(method, sets: dict[str, np.ndarray], console: Console, description: str) -> dict[str, dict]:
-    """``{set name: {score name: (N,)}}`` with a progress bar over all images."""
-    total = sum(len(images) for images in sets.values())
-    scores: dict[str, dict[str, np.ndarray]] = {}
-    with progress_bar(console) as progress:
-        task = progress.add_task(description, total=total)
-        for name, images in sets.items():
-            parts = []
-            for start in range(0, len(images), 256):
-                parts.append(method(images[start:start + 256]))
-                progress.advance(task, len(parts[-1][next(iter(parts[-1]))]))
-            scores[name] = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
-    return scores
+    """``{set name: {score name: (N,)}}``, a progress bar per set."""
+    return {name: batched(method, images, 256, console, f"{description}: {name}") for name, images in sets.items()}
 
 
 def _trained(run: RunDir, cfg: ExperimentConfig, needs: str) -> bool:

@@ -61,6 +61,19 @@ def prepare_items(adapter, sources: Sequence[Source], cache_dir: str | Path | No
     return prepared
 
 
+def batched(fn: Callable[[np.ndarray], dict[str, np.ndarray]], images: np.ndarray, chunk: int = 64,
+            console: Console | None = None, description: str = "scoring") -> dict[str, np.ndarray]:
+    """``fn`` over ``images (N, C, H, W)`` in chunks of ``chunk`` with a progress bar; its outputs
+    (each with N rows in all) concatenated."""
+    parts: list[dict[str, np.ndarray]] = []
+    with progress_bar(console) as progress:
+        task = progress.add_task(description, total=len(images))
+        for start in range(0, len(images), chunk):
+            parts.append(fn(images[start:start + chunk]))
+            progress.advance(task, min(chunk, len(images) - start))
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]} if parts else {}
+
+
 def score_items(method: SliceScorer, items: Sequence[Item], chunk: int = 64, console: Console | None = None,
                 description: str = "scoring") -> dict[str, np.ndarray]:
     """Each of the method's scores per item: the mean of the item's slice scores.
@@ -71,13 +84,6 @@ def score_items(method: SliceScorer, items: Sequence[Item], chunk: int = 64, con
     """
     if not items:
         return {}
-    images = np.concatenate([item.slices for item in items])
-    parts: list[dict[str, np.ndarray]] = []
-    with progress_bar(console) as progress:
-        task = progress.add_task(description, total=len(images))
-        for start in range(0, len(images), chunk):
-            parts.append(method(images[start:start + chunk]))
-            progress.advance(task, min(chunk, len(images) - start))
+    slice_scores = batched(method, np.concatenate([item.slices for item in items]), chunk, console, description)
     bounds = np.cumsum([len(item.slices) for item in items])[:-1]
-    return {name: np.array([s.mean() for s in np.split(np.concatenate([p[name] for p in parts]), bounds)])
-            for name in parts[0]}
+    return {name: np.array([s.mean() for s in np.split(values, bounds)]) for name, values in slice_scores.items()}

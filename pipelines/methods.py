@@ -7,6 +7,8 @@ more typical, built by ``train`` (on a run directory) or ``load`` (from one):
 - ``glow``: multi-scale Glow -> per-scale log-likelihoods -> ``raw`` (total), ``last_scale``
   (the coarsest scale's contribution) and, with ``model.general_run`` set, ``diff`` (the
   log-likelihood ratio against that general-domain Glow run).
+
+The baselines (f-AnoGAN, ResNet classifier) follow the same pattern in ``baselines.py``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from neuro_ood.features import glow_anomaly_scores, glow_log_likelihoods, score_
 from neuro_ood.runs import RunDir, build_network, sigmas_of
 from neuro_ood.scorers import AuxiliaryScorer, build_scorer, load_scorers, save_scorers
 from neuro_ood.training import TrainState, resolve_device, train_glow, train_score_network
-from neuro_ood.pipelines.common import progress_bar
+from neuro_ood.pipelines.common import batched, progress_bar
 
 
 def _train_with_progress(console: Console, cfg: ExperimentConfig, run: RunDir, model: torch.nn.Module,
@@ -108,19 +110,15 @@ class MSMAMethod(SliceMethod):
         model, state = _initial_model(cfg, run, images.shape, resume, console)
         sigmas = sigmas_of(cfg.model)
         t = cfg.training
-        _, final_loss = _train_with_progress(console, cfg, run, model, images.shape, state, "train NCSN",
-                             lambda st, on_step, on_ckpt: train_score_network(
-                                 model, torch.from_numpy(images), sigmas, t.steps, t.batch_size, t.lr, t.seed, st,
-                                 on_step, on_ckpt, t.checkpoint_every))
+        _, final_loss = _train_with_progress(
+            console, cfg, run, model, images.shape, state, "train NCSN",
+            lambda st, on_step, on_ckpt: train_score_network(
+                model, torch.from_numpy(images), sigmas, t.steps, t.batch_size, t.lr, t.seed, st, on_step, on_ckpt,
+                t.checkpoint_every))
         method = cls(model, sigmas, {}, t.feature_batch_size)
         method.final_loss = final_loss
-        with progress_bar(console) as progress:
-            task = progress.add_task("score norms (train)", total=len(images))
-            features = []
-            for start in range(0, len(images), 64):
-                features.append(method.features(images[start:start + 64]))
-                progress.advance(task, len(features[-1]))
-        features = np.concatenate(features)
+        features = batched(lambda x: {"norms": method.features(x)}, images, 64, console,
+                           "score norms (train)")["norms"]
         for name, params in cfg.scorers.items():
             with console.status(f"fitting {name} on {len(features)} score vectors"):
                 method.scorers[name] = build_scorer(name, **params).fit(features)

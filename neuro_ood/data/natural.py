@@ -566,8 +566,9 @@ def load_dataset(spec: str, data_root=None, split: str = "test", channels: int |
     ----------
     spec : "cifar10", "cifar100", "svhn", "mnist", "fashion-mnist", "folder:<path>" (relative
         paths are tried under ``data_root`` first), a built-in (:data:`BUILTIN`: "digits",
-        "photos", "uniform", "gaussian", "constant") or "mix:<a>+<b>+..." (concatenation after
-        conversion; labels dropped since the label spaces differ).
+        "photos", "china", "flower", "textures", "uniform", "gaussian", "constant") or
+        "mix:<a>+<b>+..." (concatenation after conversion; labels dropped since the label spaces
+        differ).
     data_root : folder holding the downloaded sets in their standard names.
     split : "train" or "test" ("all" for digits: no split).
     channels : 1 (greyscale) or 3 (RGB), or None to keep the set's own.
