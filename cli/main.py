@@ -10,6 +10,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from neuro_ood.errors import NeuroOODError
 
@@ -24,7 +25,7 @@ CacheOption = typer.Option(None, "--cache-dir", help="Preprocessed-tensor cache 
 
 
 def fail(message: str, code: int = 2) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -143,7 +144,7 @@ def score(
     elif report.results:
         out_console.print(scores_table(report.results))
     for path, reason in report.failures:
-        err_console.print(f"[bold red]error:[/] {path}: {reason}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(f'{path}: {reason}')}", highlight=False, soft_wrap=True)
     if report.failures:
         raise typer.Exit(1 if report.results else 2)
 

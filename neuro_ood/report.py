@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
+from rich.markup import escape
 from rich.table import Table
 
 METRIC_COLUMNS = (("auroc", "AUROC"), ("aupr_in", "AUPR-in"), ("aupr_out", "AUPR-out"),
@@ -45,7 +46,7 @@ def scores_table(results: Iterable[Any]) -> Table:
         table.add_column(name, justify="right", no_wrap=True)
     table.add_column("flag", no_wrap=True)
     for result in results:
-        cells = [result.path]
+        cells = [escape(result.path)]
         cells += [f"{result.scores[n]:.2f} ({result.percentiles[n]:.0f}%)" for n in scorers]
         cells.append(f"[bold red]ATYPICAL[/] ({result.primary})" if result.flagged else "typical")
         table.add_row(*cells)
@@ -56,7 +57,7 @@ def benchmark_tables(report: dict[str, Any]) -> list[Table]:
     """One table per in->out pair: a row per method and score, the paper's metrics in percent."""
     tables = []
     for pair, methods in report["pairs"].items():
-        table = Table(title=f"{pair}: per image, %", caption=CAPTION)
+        table = Table(title=escape(f"{pair}: per image, %"), caption=CAPTION)
         table.add_column("method")
         for _, header in METRIC_COLUMNS:
             table.add_column(header, justify="right")
@@ -74,7 +75,7 @@ def bpd_table(report: dict[str, Any]) -> Table:
     for name in sets:
         table.add_column(name, justify="right")
     for model, values in report["bpd"].items():
-        table.add_row(model, *(f"{values[name]:.2f}" for name in sets))
+        table.add_row(escape(model), *(f"{values[name]:.2f}" for name in sets))
     return table
 
 
@@ -99,5 +100,5 @@ def comparison_table(metrics: dict[str, Any], metric: str = "auroc") -> Table:
             for group in groups:
                 value = f"{100 * run['groups'][group]['scorers'][scorer][metric]:.1f}"
                 cells.append(value + ("*" if group in run.get("seen_groups", []) else ""))
-            table.add_row(label, scorer, *cells)
+            table.add_row(escape(label), scorer, *cells)
     return table

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from neuro_ood.backbones.glow import Glow
 from neuro_ood.config import ExperimentConfig, ImagesConfig, load_config
@@ -70,8 +71,8 @@ def load_sets(in_spec: str, out_specs: Sequence[str], general_spec: str | None, 
         in_test = _load(in_spec, data_root, "test", images, images.n_test, seed)
     except DatasetError as err:
         whole = _load(in_spec, data_root, "test", images, None, seed)
-        console.print(f"[yellow]{in_spec}: no training split ({err.reason}); "
-                      f"using 80/20 of its test split[/]", highlight=False)
+        console.print(f"[yellow]{escape(f'{in_spec}: no training split ({err.reason})')}; "
+                      "using 80/20 of its test split[/]", highlight=False)
         in_train, in_test = split_train_test(whole, test_fraction=0.2, seed=seed)
         if images.n_train:
             in_train = dataclasses.replace(in_train, images=in_train.images[:images.n_train])

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 
 from neuro_ood.config import ExperimentConfig
 from neuro_ood.data.cohort import split_subjects
@@ -102,7 +103,7 @@ def train(cfg: ExperimentConfig, data_dir: str | Path, out: str | Path, cache_di
                                   "preprocess held-out")
     failures = prepared_train.failures + prepared_held.failures
     for label, reason in failures:
-        console.print(f"[yellow]skipped[/] {label}: {reason}", highlight=False)
+        console.print(f"[yellow]skipped[/] {escape(f'{label}: {reason}')}", highlight=False)
     train_items = [i for i in prepared_train.items if adapter.is_inlier(i)]
     held_items = [i for i in prepared_held.items if adapter.is_inlier(i)]
     if not train_items or not held_items:

@@ -114,3 +114,10 @@ def test_synth_command_writes_a_bids_cohort(tmp_path):
     assert result.exit_code == 0, result.output
     assert len(list((tmp_path / "c").glob("sub-*/anat/*_T1w.nii.gz"))) == 4
     assert "age" in (tmp_path / "c" / "participants.tsv").read_text()
+
+
+def test_error_lines_keep_brackets_in_file_names(trained_run, tmp_path):
+    bad = tmp_path / "scan[bold]1.nii.gz"
+    bad.write_text("not an image")
+    result = invoke("score", bad, "--run", trained_run)
+    assert result.exit_code == 2 and "scan[bold]1.nii.gz" in result.stderr
