@@ -130,19 +130,23 @@ def score(
     scans: List[Path] = typer.Argument(..., help="NIfTI scans to score (BraTS runs: case folders)."),
     run: Path = typer.Option(..., "--run", help="Run directory from `neuro-ood train`."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    maps: Optional[Path] = typer.Option(None, "--maps", help="Write voxel-level anomaly maps (NIfTI + PNG) "
+                                                              "here (MSMA and f-AnoGAN runs)."),
     cache_dir: Optional[Path] = CacheOption,
 ):
     """Score scans against a run's normative reference: score, percentile and flag per scorer."""
     from neuro_ood.pipelines.score import score_scans
     from neuro_ood.report import scores_table
 
-    report = score_scans(run, scans, cache_dir=cache_dir, console=err_console)
+    report = score_scans(run, scans, cache_dir=cache_dir, console=err_console, maps_dir=maps)
     if as_json:
         payload = {"scans": [r.to_dict() for r in report.results],
-                   "failed": [{"path": p, "reason": r} for p, r in report.failures]}
+                   "failed": [{"path": p, "reason": r} for p, r in report.failures], "maps": report.map_files}
         out_console.print_json(json.dumps(payload))
     elif report.results:
         out_console.print(scores_table(report.results))
+        if report.map_files:
+            out_console.print(f"anomaly maps written to {maps}")
     for path, reason in report.failures:
         err_console.print(f"[bold red]error:[/] {escape(f'{path}: {reason}')}", highlight=False, soft_wrap=True)
     if report.failures:

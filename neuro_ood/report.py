@@ -1,11 +1,21 @@
-"""Rich tables of evaluation metrics and scan scores (the report stage)."""
+"""The report stage: rich tables of metrics and scores, and anomaly-map files."""
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+import gzip
+from pathlib import Path
+from typing import Any, Iterable, Sequence
 
-from rich.markup import escape
-from rich.table import Table
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import nibabel as nib  # noqa: E402
+import numpy as np  # noqa: E402
+from rich.markup import escape  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from neuro_ood.io import atomic_write  # noqa: E402
 
 METRIC_COLUMNS = (("auroc", "AUROC"), ("aupr_in", "AUPR-in"), ("aupr_out", "AUPR-out"),
                   ("fpr_at_95_tpr", "FPR95"), ("detection_error", "DetErr"), ("fpr_at_80_tpr", "FPR80"))
@@ -102,3 +112,34 @@ def comparison_table(metrics: dict[str, Any], metric: str = "auroc") -> Table:
                 cells.append(value + ("*" if group in run.get("seen_groups", []) else ""))
             table.add_row(escape(label), scorer, *cells)
     return table
+
+
+def save_anomaly_maps(out_dir: Path, name: str, slices: np.ndarray, maps: np.ndarray,
+                      spacing_mm: Sequence[float] = (1.0, 1.0)) -> list[Path]:
+    """Write one item's voxel-level anomaly map as NIfTI and as a PNG montage.
+
+    ``slices`` ``(S, C, H, W)`` and ``maps`` ``(S, H, W)`` (higher = more anomalous); the NIfTI holds
+    the maps as an ``(H, W, S)`` volume with in-plane voxel size ``spacing_mm``; the PNG shows each
+    slice (first channel) beside its map. Returns the two paths.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in name).removesuffix(".nii.gz")
+    volume = np.ascontiguousarray(np.moveaxis(maps.astype(np.float32), 0, -1))
+    affine = np.diag([*(float(s) for s in spacing_mm[:2]), 1.0, 1.0])
+    nifti_path = out_dir / f"{stem}_anomaly_map.nii.gz"
+    with atomic_write(nifti_path) as tmp:
+        tmp.write_bytes(gzip.compress(nib.Nifti1Image(volume, affine).to_bytes()))
+    fig, axes = plt.subplots(2, len(maps), figsize=(2.2 * len(maps), 4.4), squeeze=False)
+    top = float(np.percentile(maps, 99.5)) or 1.0
+    for index, (image, heat) in enumerate(zip(slices, maps)):
+        axes[0, index].imshow(image[0].T, cmap="gray", origin="lower", vmin=0, vmax=1)
+        axes[1, index].imshow(heat.T, cmap="inferno", origin="lower", vmin=0, vmax=top)
+        for ax in axes[:, index]:
+            ax.axis("off")
+    fig.suptitle(f"{name}: slices and anomaly map", fontsize=9)
+    fig.tight_layout()
+    png_path = out_dir / f"{stem}_anomaly_map.png"
+    with atomic_write(png_path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return [nifti_path, png_path]

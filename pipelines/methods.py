@@ -98,6 +98,11 @@ class MSMAMethod(SliceMethod):
         features = self.features(images)
         return {name: scorer.score_samples(features) for name, scorer in self.scorers.items()}
 
+    def maps(self, images: np.ndarray) -> np.ndarray:
+        """Voxel-level view of the score norms: sqrt(Σ_i ‖σ_i s_θ(x, σ_i)‖² per pixel), ``(N, H, W)``."""
+        _, per_level = score_norms(self.model, images, self.sigmas, batch_size=self.batch_size, return_maps=True)
+        return np.sqrt((per_level ** 2).sum(axis=1))
+
     @classmethod
     def load(cls, run: RunDir, cfg: ExperimentConfig) -> "MSMAMethod":
         model = run.load_model(cfg, resolve_device(cfg.training.device))

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from rich.console import Console
 
-from neuro_ood.errors import NeuroOODError
+from neuro_ood.errors import ConfigError, NeuroOODError
+from neuro_ood.report import save_anomaly_maps
 from neuro_ood.runs import RunDir
 from neuro_ood.pipelines.common import prepare_items, score_items
 from neuro_ood.pipelines.datasets import dataset_adapter
@@ -34,19 +35,28 @@ class ScanResult:
 
 @dataclass
 class ScoreReport:
+    """Results per item, failures as ``(input, reason)``, and with ``maps`` requested the written files."""
+
     results: list[ScanResult]
     failures: list[tuple[str, str]]
+    map_files: list[str] = field(default_factory=list)
 
 
 def score_scans(run_dir: str | Path, paths: Sequence[str | Path], cache_dir: str | Path | None = None,
-                console: Console | None = None) -> ScoreReport:
-    """Score each input with every score of the run's method; bad inputs are reported, not fatal."""
+                console: Console | None = None, maps_dir: str | Path | None = None) -> ScoreReport:
+    """Score each input with every score of the run's method; bad inputs are reported, not fatal.
+
+    With ``maps_dir``, methods that localise (MSMA: per-pixel score norms; f-AnoGAN: residuals) also
+    write each item's anomaly map there as NIfTI and PNG.
+    """
     console = console or Console(stderr=True)
     run = RunDir(run_dir)
     cfg = run.load_config()
     adapter = dataset_adapter(cfg)
     method = method_class(cfg).load(run, cfg)
     reference = run.load_reference()
+    if maps_dir is not None and not hasattr(method, "maps"):
+        raise ConfigError(f"{cfg.method} runs give no voxel-level maps; --maps needs an msma or fanogan run")
     sources, failures = [], []
     for path in paths:
         try:
@@ -65,4 +75,11 @@ def score_scans(run_dir: str | Path, paths: Sequence[str | Path], cache_dir: str
         results.append(ScanResult(path=item.label, scores=values,
                                   percentiles={name: percentile(normative[name], v) for name, v in values.items()},
                                   flags=flags, primary=primary, flagged=flags[primary]))
-    return ScoreReport(results=results, failures=failures + prepared.failures)
+    map_files = []
+    if maps_dir is not None:
+        spacing = cfg.preprocessing.spacing_mm
+        for item in prepared.items:
+            files = save_anomaly_maps(Path(maps_dir), Path(item.label).name, item.slices, method.maps(item.slices),
+                                      spacing)
+            map_files.extend(str(f) for f in files)
+    return ScoreReport(results=results, failures=failures + prepared.failures, map_files=map_files)

@@ -77,6 +77,10 @@ def test_fanogan_score_and_swapped_preprocessing(runs, tiny_cohort, tmp_path):
     assert set(entry["scores"]) == {"fanogan"} and entry["primary"] == "fanogan"
     result = invoke("score", scan, "--run", runs / "resnet", "--json")
     assert set(json.loads(result.stdout)["scans"][0]["scores"]) == {"resnet"}
+    result = invoke("score", scan, "--run", runs / "fanogan", "--maps", tmp_path / "maps")
+    assert result.exit_code == 0 and (tmp_path / "maps" / "sub-0001_T1w_anomaly_map.png").is_file()
+    result = invoke("score", scan, "--run", runs / "resnet", "--maps", tmp_path / "maps")
+    assert result.exit_code == 2 and "no voxel-level maps" in result.stderr
     copy = tmp_path / "fanogan"
     shutil.copytree(runs / "fanogan", copy)
     (copy / "config.yaml").write_text((copy / "config.yaml").read_text().replace("slice_fit: pad", "slice_fit: resize"))

@@ -121,3 +121,16 @@ def test_error_lines_keep_brackets_in_file_names(trained_run, tmp_path):
     bad.write_text("not an image")
     result = invoke("score", bad, "--run", trained_run)
     assert result.exit_code == 2 and "scan[bold]1.nii.gz" in result.stderr
+
+
+def test_score_writes_anomaly_maps(trained_run, tiny_cohort, tmp_path):
+    import nibabel as nib
+
+    scan = sorted(tiny_cohort.glob("sub-*/anat/*.nii.gz"))[0]
+    result = invoke("score", scan, "--run", trained_run, "--maps", tmp_path / "maps", "--json")
+    assert result.exit_code == 0, result.output
+    files = json.loads(result.stdout)["maps"]
+    assert len(files) == 2 and files[0].endswith(".nii.gz") and files[1].endswith(".png")
+    nifti = nib.load(tmp_path / "maps" / "sub-0001_T1w_anomaly_map.nii.gz")
+    assert nifti.shape == (45, 55, 3) and (nifti.get_fdata() >= 0).all()
+    assert (tmp_path / "maps" / "sub-0001_T1w_anomaly_map.png").stat().st_size > 0
