@@ -14,10 +14,12 @@ Weights made with other preprocessing than the config in use are refused.
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from neuro_ood.backbones.glow import build_glow_variant
@@ -84,6 +86,13 @@ class RunDir:
     def file(self, name: str) -> Path:
         return self.path / name
 
+    def _read_json(self, name: str, what: str) -> Any:
+        path = self._require(name, what)
+        try:
+            return read_json(path)
+        except ValueError as err:
+            raise RunError(f"{path}: not valid JSON ({err}); the run directory is damaged") from None
+
     def _require(self, name: str, what: str) -> Path:
         path = self.file(name)
         if not path.is_file():
@@ -105,13 +114,13 @@ class RunDir:
         write_json(self.file("split.json"), {"train": train, "heldout": heldout})
 
     def load_split(self) -> dict[str, list[str]]:
-        return read_json(self._require("split.json", "the subject split"))
+        return self._read_json("split.json", "the subject split")
 
     def save_reference(self, reference: dict[str, Any]) -> None:
         write_json(self.file("reference.json"), reference)
 
     def load_reference(self) -> dict[str, Any]:
-        return read_json(self._require("reference.json", "the held-out inlier reference"))
+        return self._read_json("reference.json", "the held-out inlier reference")
 
     def save_metrics(self, metrics: dict[str, Any]) -> None:
         write_json(self.file("metrics.json"), metrics)
@@ -132,7 +141,11 @@ class RunDir:
     def load_model(self, cfg: ExperimentConfig, device: torch.device | str = "cpu",
                    name: str = "model") -> torch.nn.Module:
         """The trained network; refused if it was made with other preprocessing than ``cfg``'s."""
-        meta = read_json(self._require(f"{name}.json", "the network's metadata"))
+        meta = self._read_json(f"{name}.json", "the network's metadata")
+        missing = {"method", "preprocessing_fingerprint", "in_channels", "spatial_dims"} - set(meta)
+        if missing:
+            raise RunError(f"{self.file(name + '.json')}: incomplete network metadata (no {', '.join(sorted(missing))}); "
+                           "it was written by another neuro-ood version or damaged — train the run again")
         expected = preprocessing_fingerprint(cfg.preprocessing)
         if meta["preprocessing_fingerprint"] != expected:
             raise RunError(
@@ -142,8 +155,11 @@ class RunDir:
         network_cfg = config_from_dict({"method": meta["method"],
                                         **{key: meta[key] for key in NETWORK_SECTIONS if key in meta}})
         model = build_network(network_cfg, meta["in_channels"], meta["spatial_dims"], meta.get("image_size"))
-        weights = load_file(str(self._require(f"{name}.safetensors", "the network's weights")))
-        model.load_state_dict(weights)
+        weights_path = self._require(f"{name}.safetensors", "the network's weights")
+        try:
+            model.load_state_dict(load_file(str(weights_path)))
+        except (RuntimeError, OSError, SafetensorError) as err:
+            raise RunError(f"{weights_path}: unreadable or mismatched weights ({str(err).splitlines()[0]})") from None
         return model.to(device).eval()
 
     def save_train_state(self, state: TrainState) -> None:
@@ -154,5 +170,9 @@ class RunDir:
         path = self.file("train_state.pt")
         if not path.is_file():
             return None
-        saved = torch.load(path, weights_only=True, map_location="cpu")
-        return TrainState(step=int(saved["step"]), optimizer=saved["optimizer"])
+        try:
+            saved = torch.load(path, weights_only=True, map_location="cpu")
+            return TrainState(step=int(saved["step"]), optimizer=saved["optimizer"])
+        except (RuntimeError, EOFError, KeyError, TypeError, pickle.UnpicklingError) as err:
+            raise RunError(f"{path}: unreadable training state ({str(err).splitlines()[0]}); "
+                           "delete it to restart training from scratch") from None

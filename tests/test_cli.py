@@ -134,3 +134,26 @@ def test_score_writes_anomaly_maps(trained_run, tiny_cohort, tmp_path):
     nifti = nib.load(tmp_path / "maps" / "sub-0001_T1w_anomaly_map.nii.gz")
     assert nifti.shape == (45, 55, 3) and (nifti.get_fdata() >= 0).all()
     assert (tmp_path / "maps" / "sub-0001_T1w_anomaly_map.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("damage", ["weights", "metadata", "scorers", "reference"])
+def test_a_damaged_run_gives_one_error_line(trained_run, tiny_cohort, tmp_path, damage):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(trained_run, copy)
+    if damage == "weights":
+        data = (copy / "model.safetensors").read_bytes()
+        (copy / "model.safetensors").write_bytes(data[: len(data) // 3])
+    elif damage == "metadata":
+        meta = json.loads((copy / "model.json").read_text())
+        del meta["method"]
+        (copy / "model.json").write_text(json.dumps(meta))
+    elif damage == "scorers":
+        (copy / "scorers.json").write_text("{not json")
+    else:
+        (copy / "reference.json").write_text("")
+    scan = sorted(tiny_cohort.glob("sub-*/anat/*.nii.gz"))[0]
+    result = invoke("score", scan, "--run", copy)
+    assert result.exit_code == 2 and result.stderr.startswith("error:"), result.output
+    assert "Traceback" not in result.output

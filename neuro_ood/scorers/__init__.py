@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from neuro_ood.errors import ConfigError, NeuroOODError, RunError
 from neuro_ood.io import load_arrays, read_json, save_arrays, write_json
 from neuro_ood.scorers.base import AuxiliaryScorer
@@ -63,8 +65,12 @@ def load_scorers(directory: str | os.PathLike) -> dict[str, AuxiliaryScorer]:
     if missing:
         raise RunError(f"{directory}: no fitted scorers (missing {', '.join(missing)}); "
                        "fit the scorers first.")
-    index = read_json(directory / META_FILE)
-    arrays = load_arrays(directory / ARRAYS_FILE)
+    try:
+        index = read_json(directory / META_FILE)
+        arrays = load_arrays(directory / ARRAYS_FILE)
+    except (ValueError, OSError, SafetensorError) as err:
+        raise RunError(f"{directory}: fitted scorers cannot be read ({str(err).splitlines()[0]}); "
+                       "the run directory is damaged") from None
     classes = {cls.__name__: cls for cls in SCORERS.values()}
     scorers = {}
     for name, entry in index.items():
