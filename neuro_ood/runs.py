@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from neuro_ood.backbones.glow import build_glow_variant
+from neuro_ood.backbones.glow_variants import build_glow_variant
 from neuro_ood.baselines.classifier import build_resnet
 from neuro_ood.baselines.fanogan import FAnoGAN
 from neuro_ood.backbones.ncsn import NoiseConditionalScoreNet, geometric_sigmas

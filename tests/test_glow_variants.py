@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from neuro_ood.backbones.glow import (ActNorm, AffineCoupling, DenseAffineCoupling, DenseFlowStep,
-                                      FixedOrthogonalProjection, FullyConnectedGlow, Glow, GlowOutput,
-                                      LocalPatchGlow, build_glow_variant)
+from neuro_ood.backbones.glow import ActNorm, AffineCoupling, Glow, GlowOutput
+from neuro_ood.backbones.glow_variants import (DenseAffineCoupling, DenseFlowStep, FixedOrthogonalProjection,
+                                               FullyConnectedGlow, LocalPatchGlow, build_glow_variant)
 from neuro_ood.features import glow_log_likelihoods
 from neuro_ood.training import train_glow
 
