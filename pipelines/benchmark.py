@@ -7,8 +7,9 @@ every metric per pair and method:
 - ``msma_gmm``, ``msma_flow``, ``msma_kdtree``: MSMA with each auxiliary scorer;
 - ``glow_raw``: the Glow's log-likelihood; ``glow_last_scale``: its coarsest-scale contribution;
 - with a general-domain set: ``glow_diff`` (log-likelihood ratio against a Glow trained on the general
-  set) and ``glow_diff_outlier_loss`` (the same after fine-tuning the in-distribution Glow with the
-  outlier loss, general-domain images as outliers).
+  set), ``glow_diff_outlier_loss`` (the same after fine-tuning the in-distribution Glow with the
+  outlier loss, general-domain images as outliers) and ``classifier_p_in`` (Glow supplement S9: a
+  ResNet trained to tell the in-distribution set from the general set, scored by p(in | x)).
 
 With no data root the built-in offline sets are used (see :data:`DEFAULT_BENCHMARK`).
 """
@@ -28,6 +29,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from neuro_ood.backbones.glow import Glow
+from neuro_ood.baselines.classifier import classifier_scores
 from neuro_ood.config import ExperimentConfig, ImagesConfig, load_config
 from neuro_ood.data.natural import DatasetError, ImageSet, load_dataset, split_train_test
 from neuro_ood.errors import ConfigError
@@ -37,10 +39,11 @@ from neuro_ood.metrics import ood_metrics
 from neuro_ood.runs import RunDir
 from neuro_ood.training import glow_bits_per_dim
 from neuro_ood.pipelines.common import batched
+from neuro_ood.pipelines.baselines import ResNetMethod
 from neuro_ood.pipelines.methods import GlowMethod, MSMAMethod
 
 DEFAULT_BENCHMARK = {"in": "china", "out": ["flower", "constant", "digits", "gaussian"], "general": "textures"}
-DEFAULT_CONFIGS = {"msma": "msma_bench_quick", "glow": "glow_bench_quick"}
+DEFAULT_CONFIGS = {"msma": "msma_bench_quick", "glow": "glow_bench_quick", "classifier": "resnet_bench_quick"}
 
 
 @dataclass
@@ -111,15 +114,21 @@ def benchmark(in_spec: str | None = None, out_specs: Sequence[str] = (), data_ro
         general_spec = general_spec or DEFAULT_BENCHMARK["general"]
     if not out_specs:
         raise ConfigError("give at least one --out dataset")
-    methods = ["msma", "glow"] if model == "all" else [model]
+    if model == "all":
+        methods = ["msma", "glow"] + (["classifier"] if general_spec else [])
+    else:
+        methods = [model]
     if any(m not in DEFAULT_CONFIGS for m in methods):
-        raise ConfigError(f"--model must be msma, glow or all, got {model!r}")
+        raise ConfigError(f"--model must be msma, glow, classifier or all, got {model!r}")
+    if "classifier" in methods and not general_spec:
+        raise ConfigError("the classifier baseline (S9) learns the in-distribution set against --general; give one")
     cfgs = {m: load_config(DEFAULT_CONFIGS[m], overrides) for m in methods}
     for path in configs:
         cfg = load_config(path, overrides)
-        if cfg.method not in cfgs:
+        slot = "classifier" if cfg.method == "resnet" else cfg.method
+        if slot not in cfgs:
             raise ConfigError(f"config {path} is a {cfg.method} config, but --model is {model}")
-        cfgs[cfg.method] = cfg
+        cfgs[slot] = cfg
     images_cfg = next(iter(cfgs.values())).images
     if any((c.images.channels, c.images.size) != (images_cfg.channels, images_cfg.size) for c in cfgs.values()):
         raise ConfigError("the configs disagree on images.channels / images.size; the methods must see the same images")
@@ -173,6 +182,15 @@ def benchmark(in_spec: str | None = None, out_specs: Sequence[str] = (), data_ro
                  for name in test_sets}, "glow_")
             bpd[f"glow[{general_spec}]"] = _bits_per_dim(glow_general, test_sets)
             bpd[f"glow[{in_spec}]+outlier_loss"] = _bits_per_dim(glow_outlier, test_sets)
+
+    if "classifier" in cfgs:
+        cfg = cfgs["classifier"]
+        run = _prepare_run(root / _slug(in_spec) / "classifier", cfg, in_spec)
+        method = (ResNetMethod.load(run, cfg) if _trained(run, cfg, "model.safetensors")
+                  else ResNetMethod.train(cfg, run, sets.in_train.images, console, outliers=sets.general.images))
+        model_in = method.model
+        add(_score_sets(lambda images: {"p_in": classifier_scores(model_in, images)["p_in"]}, test_sets, console,
+                        "classifier p(in | x)"), "classifier_")
 
     report = {"in": in_spec, "out": list(out_specs), "general": general_spec,
               "n": {"train": len(sets.in_train), **{name: len(images) for name, images in test_sets.items()}},
