@@ -171,13 +171,15 @@ class AffineCoupling(nn.Module):
             raise ValueError(f"affine coupling needs at least 2 channels, got {channels}")
         self.n_pass = channels // 2
         self.n_change = channels - self.n_pass
-        self.net = nn.Sequential(
-            nn.Conv2d(self.n_pass, hidden, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(hidden, hidden, 1), nn.ReLU(),
-            nn.Conv2d(hidden, 2 * self.n_change, 3, padding=1),
-        )
+        self.net = self.coupling_net(self.n_pass, hidden, 2 * self.n_change)
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
+
+    @staticmethod
+    def coupling_net(n_in: int, hidden: int, n_out: int) -> nn.Sequential:
+        """conv3×3 → ReLU → conv1×1 → ReLU → conv3×3 (the last one is zero-initialised)."""
+        return nn.Sequential(nn.Conv2d(n_in, hidden, 3, padding=1), nn.ReLU(), nn.Conv2d(hidden, hidden, 1), nn.ReLU(),
+                             nn.Conv2d(hidden, n_out, 3, padding=1))
 
     def _shift_log_scale(self, x_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.net(x_a)

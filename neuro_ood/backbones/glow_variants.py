@@ -12,10 +12,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from neuro_ood.backbones.glow import ActNorm, Glow, GlowOutput
+from neuro_ood.backbones.glow import ActNorm, AffineCoupling, Glow, GlowOutput
 
 
 class LocalPatchGlow(nn.Module):
@@ -220,39 +219,20 @@ class FixedOrthogonalProjection(nn.Module):
         return x
 
 
-class DenseAffineCoupling(nn.Module):
+class DenseAffineCoupling(AffineCoupling):
     """Fully-connected affine coupling on ``x (B, D)``: the first ``D // 2`` features ``x_a`` pass and
-    ``y_b = (x_b + shift(x_a)) · scale(x_a)``.
+    ``y_b = (x_b + shift(x_a)) · scale(x_a)``, as :class:`AffineCoupling` does with channels.
 
     ``(shift, h) = NN(x_a)`` with NN = linear(D/2 → hidden) → ReLU → zero-initialised
-    linear(hidden → 2 · (D − D/2)), and ``scale = sigmoid(h + 2)`` as in :class:`AffineCoupling`.
+    linear(hidden → 2 · (D − D/2)), and ``scale = sigmoid(h + 2)``.
     """
 
     def __init__(self, features: int, hidden: int = 512):
-        super().__init__()
-        if features < 2:
-            raise ValueError(f"affine coupling needs at least 2 features, got {features}")
-        self.n_pass = features // 2
-        self.n_change = features - self.n_pass
-        self.net = nn.Sequential(nn.Linear(self.n_pass, hidden), nn.ReLU(), nn.Linear(hidden, 2 * self.n_change))
-        nn.init.zeros_(self.net[-1].weight)
-        nn.init.zeros_(self.net[-1].bias)
+        super().__init__(features, hidden)
 
-    def _shift_log_scale(self, x_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.net(x_a)
-        return h[:, :self.n_change], F.logsigmoid(h[:, self.n_change:] + 2.0)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x (B, D)`` -> ``(y (B, D), logdet (B,))``."""
-        x_a, x_b = x[:, :self.n_pass], x[:, self.n_pass:]
-        shift, log_scale = self._shift_log_scale(x_a)
-        return torch.cat([x_a, (x_b + shift) * torch.exp(log_scale)], 1), log_scale.sum(1)
-
-    def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        """``y (B, D)`` -> ``x (B, D)``."""
-        y_a, y_b = y[:, :self.n_pass], y[:, self.n_pass:]
-        shift, log_scale = self._shift_log_scale(y_a)
-        return torch.cat([y_a, y_b * torch.exp(-log_scale) - shift], 1)
+    @staticmethod
+    def coupling_net(n_in: int, hidden: int, n_out: int) -> nn.Sequential:
+        return nn.Sequential(nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, n_out))
 
 
 class DenseFlowStep(nn.Module):
