@@ -96,10 +96,9 @@ def evaluate(run_dirs: str | Path | Sequence[str | Path], data_dir: str | Path, 
         run_adapter = dataset_adapter(loaded.cfg)
         prepared = prepare_items(run_adapter, source_list, cache_dir, console, f"preprocess ({label})")
         failures = failures or prepared.failures
-        reference_keys = {key for key in loaded.reference["items"] if key.split(":")[0].split("/")[0] in heldout}
-        keep = [i for i, key in enumerate(loaded.reference["items"]) if key in reference_keys]
-        items = [i for i in prepared.items if i.key not in set(loaded.reference["items"]) and i.group is not None
-                 and i.subject not in loaded.heldout - heldout]
+        keep = [i for i, subject in enumerate(loaded.reference["subjects"]) if subject in heldout]
+        in_reference = set(loaded.reference["items"])  # subjects held out by only some runs are in trained_on
+        items = [i for i in prepared.items if i.key not in in_reference and i.group is not None]
         if not items:
             raise CohortError(f"{data_dir}: nothing to evaluate — every item is in the runs' training splits "
                               f"or reference, or has no {adapter.group_by}")

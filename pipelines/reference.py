@@ -24,6 +24,7 @@ def build_reference(scores: dict[str, np.ndarray], items: Sequence[Item], tpr: f
     return {
         "tpr": tpr,
         "items": [item.key for item in items],
+        "subjects": [item.subject for item in items],
         "scorers": {name: {"scores": [float(v) for v in values], "threshold": threshold(np.asarray(values), tpr)}
                     for name, values in scores.items()},
     }

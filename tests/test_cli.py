@@ -157,3 +157,12 @@ def test_a_damaged_run_gives_one_error_line(trained_run, tiny_cohort, tmp_path, 
     result = invoke("score", scan, "--run", copy)
     assert result.exit_code == 2 and result.stderr.startswith("error:"), result.output
     assert "Traceback" not in result.output
+
+
+def test_quickstart_pipeline_end_to_end_on_a_tiny_cohort(tmp_path):
+    from neuro_ood.pipelines.quickstart import quickstart
+
+    cohort = {"inliers": 8, "ages": (1, 4), "per_age": 2, "seed": 5, "resolution_mm": 4.0}
+    metrics = quickstart(tmp_path, overrides=TINY_OVERRIDES, cohort=cohort)
+    assert set(metrics["groups"]) == {"1", "4"} and metrics["seconds"] > 0
+    assert (tmp_path / "cohort" / "participants.tsv").is_file() and (tmp_path / "run" / "metrics.json").is_file()
