@@ -227,14 +227,15 @@ def benchmark(
     out_sets: List[str] = typer.Option([], "--out", help="Out-of-distribution set(s): cifar10, cifar100, svhn, "
                                                           "mnist, fashion-mnist, folder:P, mix:a+b, or a built-in."),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder holding the downloaded sets."),
-    model: str = typer.Option("all", "--model", help="msma, glow, classifier (S9, needs --general) or all."),
+    model: str = typer.Option("all", "--model", help="msma, glow, fanogan, classifier (S9, needs --general) "
+                                                     "or all."),
     general: Optional[str] = typer.Option(None, "--general", help="General-domain set for the likelihood ratio "
                                                                   "and the outlier loss."),
     configs: List[str] = typer.Option([], "--config", "-c", help="Config per method (default: *_bench_quick)."),
     overrides: List[str] = typer.Option([], "--set", help="Override a config key of every method's config."),
     run_dir: Path = typer.Option(Path("benchmark"), "--run-dir", help="Where models and benchmark.json go."),
 ):
-    """MSMA and Glow side by side on natural-image dataset pairs (offline built-in default)."""
+    """MSMA, Glow and the baselines side by side on natural-image dataset pairs (offline built-in default)."""
     from neuro_ood.pipelines.benchmark import benchmark as run_benchmark
     from neuro_ood.report import benchmark_tables, bpd_table
 

@@ -5,6 +5,7 @@ trains (or reuses, from ``run_dir``) the methods on the in-distribution training
 every metric per pair and method:
 
 - ``msma_gmm``, ``msma_flow``, ``msma_kdtree``: MSMA with each auxiliary scorer;
+- ``fanogan``: f-AnoGAN's residual score (negated: higher = more typical);
 - ``glow_raw``: the Glow's log-likelihood; ``glow_last_scale``: its coarsest-scale contribution;
 - with a general-domain set: ``glow_diff`` (log-likelihood ratio against a Glow trained on the general
   set), ``glow_diff_outlier_loss`` (the same after fine-tuning the in-distribution Glow with the
@@ -39,11 +40,12 @@ from neuro_ood.metrics import ood_metrics
 from neuro_ood.runs import RunDir
 from neuro_ood.training import glow_bits_per_dim
 from neuro_ood.pipelines.common import batched
-from neuro_ood.pipelines.baselines import ResNetMethod
+from neuro_ood.pipelines.baselines import FAnoGANMethod, ResNetMethod
 from neuro_ood.pipelines.methods import GlowMethod, MSMAMethod
 
 DEFAULT_BENCHMARK = {"in": "china", "out": ["flower", "constant", "digits", "gaussian"], "general": "textures"}
-DEFAULT_CONFIGS = {"msma": "msma_bench_quick", "glow": "glow_bench_quick", "classifier": "resnet_bench_quick"}
+DEFAULT_CONFIGS = {"msma": "msma_bench_quick", "glow": "glow_bench_quick", "fanogan": "fanogan_bench_quick",
+                   "classifier": "resnet_bench_quick"}
 
 
 @dataclass
@@ -91,9 +93,10 @@ def _score_sets(method, sets: dict[str, np.ndarray], console: Console, descripti
     return {name: batched(method, images, 256, console, f"{description}: {name}") for name, images in sets.items()}
 
 
-def _trained(run: RunDir, cfg: ExperimentConfig, needs: str) -> bool:
+def _trained(run: RunDir, steps: int, needs: str) -> bool:
+    """Whether ``run`` already holds a model trained for ``steps`` steps (and the file ``needs``)."""
     state = run.load_train_state()
-    return state is not None and state.step >= cfg.training.steps and run.file(needs).is_file()
+    return state is not None and state.step >= steps and run.file(needs).is_file()
 
 
 def _prepare_run(path: Path, cfg: ExperimentConfig, dataset: str) -> RunDir:
@@ -115,11 +118,11 @@ def benchmark(in_spec: str | None = None, out_specs: Sequence[str] = (), data_ro
     if not out_specs:
         raise ConfigError("give at least one --out dataset")
     if model == "all":
-        methods = ["msma", "glow"] + (["classifier"] if general_spec else [])
+        methods = ["msma", "glow", "fanogan"] + (["classifier"] if general_spec else [])
     else:
         methods = [model]
     if any(m not in DEFAULT_CONFIGS for m in methods):
-        raise ConfigError(f"--model must be msma, glow, classifier or all, got {model!r}")
+        raise ConfigError(f"--model must be msma, glow, fanogan, classifier or all, got {model!r}")
     if "classifier" in methods and not general_spec:
         raise ConfigError("the classifier baseline (S9) learns the in-distribution set against --general; give one")
     cfgs = {m: load_config(DEFAULT_CONFIGS[m], overrides) for m in methods}
@@ -146,7 +149,7 @@ def benchmark(in_spec: str | None = None, out_specs: Sequence[str] = (), data_ro
     if "msma" in cfgs:
         cfg = cfgs["msma"]
         run = _prepare_run(root / _slug(in_spec) / "msma", cfg, in_spec)
-        method = (MSMAMethod.load(run, cfg) if _trained(run, cfg, "scorers.json")
+        method = (MSMAMethod.load(run, cfg) if _trained(run, cfg.training.steps, "scorers.json")
                   else MSMAMethod.train(cfg, run, sets.in_train.images, console))
         add(_score_sets(method, test_sets, console, "MSMA scores"), "msma_")
 
@@ -156,7 +159,7 @@ def benchmark(in_spec: str | None = None, out_specs: Sequence[str] = (), data_ro
         def glow_run(path: Path, images: np.ndarray, dataset: str, run_cfg: ExperimentConfig,
                      outliers=None, general=None) -> Glow:
             run = _prepare_run(path, run_cfg, dataset)
-            if _trained(run, run_cfg, "model.safetensors"):
+            if _trained(run, run_cfg.training.steps, "model.safetensors"):
                 return run.load_model(run_cfg)
             return GlowMethod.train(run_cfg, run, images, console, outliers=outliers, general=general).model
 
@@ -183,10 +186,18 @@ def benchmark(in_spec: str | None = None, out_specs: Sequence[str] = (), data_ro
             bpd[f"glow[{general_spec}]"] = _bits_per_dim(glow_general, test_sets)
             bpd[f"glow[{in_spec}]+outlier_loss"] = _bits_per_dim(glow_outlier, test_sets)
 
+    if "fanogan" in cfgs:
+        cfg = cfgs["fanogan"]
+        run = _prepare_run(root / _slug(in_spec) / "fanogan", cfg, in_spec)
+        total = cfg.training.steps + cfg.fanogan.encoder_steps
+        method = (FAnoGANMethod.load(run, cfg) if _trained(run, total, "model.safetensors")
+                  else FAnoGANMethod.train(cfg, run, sets.in_train.images, console))
+        add(_score_sets(method, test_sets, console, "f-AnoGAN scores"), "")
+
     if "classifier" in cfgs:
         cfg = cfgs["classifier"]
         run = _prepare_run(root / _slug(in_spec) / "classifier", cfg, in_spec)
-        method = (ResNetMethod.load(run, cfg) if _trained(run, cfg, "model.safetensors")
+        method = (ResNetMethod.load(run, cfg) if _trained(run, cfg.training.steps, "model.safetensors")
                   else ResNetMethod.train(cfg, run, sets.in_train.images, console, outliers=sets.general.images))
         model_in = method.model
         add(_score_sets(lambda images: {"p_in": classifier_scores(model_in, images)["p_in"]}, test_sets, console,
