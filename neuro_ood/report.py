@@ -56,7 +56,7 @@ def scores_table(results: Iterable[Any]) -> Table:
         table.add_column(name, justify="right", no_wrap=True)
     table.add_column("flag", no_wrap=True)
     for result in results:
-        cells = [escape(result.path)]
+        cells = [escape(Path(result.path).name)]  # the full path is in --json
         cells += [f"{result.scores[n]:.2f} ({result.percentiles[n]:.0f}%)" for n in scorers]
         cells.append(f"[bold red]ATYPICAL[/] ({result.primary})" if result.flagged else "typical")
         table.add_row(*cells)

@@ -120,7 +120,12 @@ class RunDir:
         write_json(self.file("reference.json"), reference)
 
     def load_reference(self) -> dict[str, Any]:
-        return self._read_json("reference.json", "the held-out inlier reference")
+        reference = self._read_json("reference.json", "the held-out inlier reference")
+        missing = {"tpr", "items", "subjects", "scorers"} - set(reference if isinstance(reference, dict) else {})
+        if missing:
+            raise RunError(f"{self.file('reference.json')}: incomplete reference (no {', '.join(sorted(missing))}); "
+                           "it was written by another neuro-ood version or damaged — train the run again")
+        return reference
 
     def save_metrics(self, metrics: dict[str, Any]) -> None:
         write_json(self.file("metrics.json"), metrics)
