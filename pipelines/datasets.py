@@ -111,11 +111,15 @@ class BratsTumourCohort:
 
     def preprocess(self, source: Source) -> dict[str, np.ndarray]:
         slices, tumour = self.preprocess_case(source.payload)
-        return {"slices": slices, "tumour": tumour}
+        return {"slices": slices, "tumour": tumour, "segmented": np.array([source.payload.seg is not None])}
 
     def items(self, source: Source, arrays: dict[str, np.ndarray]) -> list[Item]:
+        """One item per slice; a case without segmentation (e.g. BraTS validation data) gets no group,
+        so its slices are neither trained on as tumour-free nor evaluated."""
+        segmented = bool(arrays["segmented"][0])
         return [Item(key=f"{source.subject}:{i}", subject=source.subject, label=f"{source.label} slice {i}",
-                     group=self.outlier_group if flag else self.inlier_group, slices=arrays["slices"][i:i + 1])
+                     group=(self.outlier_group if flag else self.inlier_group) if segmented else None,
+                     slices=arrays["slices"][i:i + 1])
                 for i, flag in enumerate(arrays["tumour"].astype(bool))]
 
     def is_inlier(self, item: Item) -> bool:

@@ -64,6 +64,8 @@ def score_scans(run_dir: str | Path, paths: Sequence[str | Path], cache_dir: str
         except NeuroOODError as err:
             failures.append((str(path), str(err)))
     prepared = prepare_items(adapter, sources, cache_dir, console, "preprocess")
+    if not prepared.items:
+        return ScoreReport(results=[], failures=failures + prepared.failures)
     scores = method.group_view(score_items(method, prepared.items, console=console, description="score"), None)
     normative = method.group_view(reference_scores(reference), None)
     thresholds = {name: threshold(values, reference["tpr"]) for name, values in normative.items()}

@@ -14,7 +14,7 @@ from neuro_ood.config import ExperimentConfig
 from neuro_ood.data.cohort import split_subjects
 from neuro_ood.errors import CohortError, RunError
 from neuro_ood.preprocessing.presets import preprocessing_fingerprint
-from neuro_ood.runs import RunDir
+from neuro_ood.runs import NETWORK_SECTIONS, RunDir
 from neuro_ood.pipelines.common import prepare_items, score_items
 from neuro_ood.pipelines.datasets import dataset_adapter
 from neuro_ood.pipelines.registry import method_class
@@ -43,6 +43,13 @@ def _check_resumable(run: RunDir, cfg: ExperimentConfig) -> None:
     if preprocessing_fingerprint(previous.preprocessing) != preprocessing_fingerprint(cfg.preprocessing):
         raise RunError(f"{run.path} holds a run made with other preprocessing; "
                        "choose a new --out or pass the same preprocessing settings")
+    before, now = previous.to_dict(), cfg.to_dict()
+    changed = [key for key in NETWORK_SECTIONS if before[key] != now[key]]
+    if cfg.method == "fanogan" and before["training"]["steps"] != now["training"]["steps"]:
+        changed.append("training.steps (the GAN/encoder boundary of f-AnoGAN)")
+    if changed:
+        raise RunError(f"{run.path} holds a run with other {', '.join(changed)} settings; resuming would mix two "
+                       "networks — choose a new --out, or --no-resume to start this one over")
 
 
 def _outlier_group_items(adapter, cfg: ExperimentConfig, sources, inlier_subjects: set[str], train_items,
@@ -110,7 +117,8 @@ def train(cfg: ExperimentConfig, data_dir: str | Path, out: str | Path, cache_di
         raise CohortError("no usable training or held-out inlier scan after preprocessing")
 
     if getattr(method_cls, "needs_outlier_group", False):
-        outlier_items, seen_subjects = _outlier_group_items(adapter, cfg, all_sources, train_set | heldout_set,
+        inlier_subjects = {s.subject for s in sources}
+        outlier_items, seen_subjects = _outlier_group_items(adapter, cfg, all_sources, inlier_subjects,
                                                             prepared_train.items, cache_dir, console)
         run.save_split(sorted(train_set | seen_subjects), heldout_subjects)
         extra["outliers"] = np.concatenate([item.slices for item in outlier_items])

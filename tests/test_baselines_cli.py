@@ -38,6 +38,22 @@ def test_resnet_run_records_the_group_it_saw(runs, tiny_cohort):
     assert "outlier_group: '1'" in (runs / "resnet" / "config.yaml").read_text()
 
 
+def test_rerunning_the_resnet_keeps_the_outlier_subjects_it_saw(runs, tiny_cohort):
+    before = json.loads((runs / "resnet" / "split.json").read_text())
+    result = invoke("baseline", "resnet", "--outlier-group", "1", "--config", "resnet_quick", *set_args(TINY_RESNET),
+                    "--dataset", "abcd", "--data-dir", tiny_cohort, "--out", runs / "resnet")
+    assert result.exit_code == 0, result.output
+    assert json.loads((runs / "resnet" / "split.json").read_text()) == before
+
+
+def test_scoring_nothing_usable_with_a_resnet_run_is_one_line(runs, tmp_path):
+    (tmp_path / "bad.nii.gz").write_text("not an image")
+    result = invoke("score", tmp_path / "bad.nii.gz", "--run", runs / "resnet")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1 and "bad.nii.gz" in errors[0]
+    assert "Traceback" not in result.output
+
+
 def test_side_by_side_evaluation(runs, tiny_cohort):
     result = invoke("evaluate", "--run", runs / "msma", "--run", runs / "fanogan", "--run", runs / "resnet",
                     "--data-dir", tiny_cohort, "--group-by", "age")

@@ -99,6 +99,12 @@ def test_train_resumes_from_its_checkpoint(trained_run, tiny_cohort):
     assert json.loads((trained_run / "model.json").read_text())["step"] == 14
 
 
+def test_resuming_with_another_network_is_refused(trained_run, tiny_cohort):
+    result = invoke("train", "--data-dir", tiny_cohort, "--config", "msma_quick", *set_args(TINY_OVERRIDES),
+                    "--set", "model.channels=[16, 32]", "--out", trained_run)
+    assert result.exit_code == 2 and "other model settings" in result.stderr
+
+
 def test_user_errors_are_one_line(tmp_path, tiny_cohort):
     result = invoke("train", "--data-dir", tmp_path, "--out", tmp_path / "run")
     assert result.exit_code == 2 and result.stderr.startswith("error:") and "no sub-" in result.stderr

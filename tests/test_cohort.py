@@ -60,6 +60,7 @@ def test_subject_split_is_disjoint_and_reproducible(tiny_cohort):
 
 def test_age_groups_round_to_whole_years():
     assert [age_group(a) for a in (0.9, 1.4, 23 / 12, 6.0)] == ["1", "1", "2", "6"]
+    assert [age_group(a) for a in (2.5, 3.5, 30 / 12, 42 / 12)] == ["3", "4", "3", "4"]  # half years round up
 
 
 def test_real_paediatric_bids_ages_from_scans_tsv():

@@ -154,12 +154,29 @@ def test_image_folder(tmp_path):
     flat = tmp_path / "flat"
     flat.mkdir()
     Image.fromarray(rgb[..., 0]).save(flat / "g.png")
-    g = load_dataset(f"folder:{flat}")
+    g = load_dataset(f"folder:{flat}", split="all")
     assert g.labels is None and g.images.shape == (1, 1, 4, 6)
     np.testing.assert_array_equal(g.images[0, 0], rgb[..., 0] / np.float32(255))
     (flat / "broken.png").write_bytes(b"\x89PNG not really")
     with pytest.raises(DatasetError, match="broken.png: not a readable image"):
         read_image_folder(flat)
+
+
+def test_folder_train_and_test_never_share_an_image(tmp_path):
+    from PIL import Image
+
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    for i in range(8):
+        Image.fromarray(np.full((4, 4), 10 * i, np.uint8)).save(pool / f"{i}.png")
+    train = load_dataset(f"folder:{pool}", split="train").images
+    test = load_dataset(f"folder:{pool}", split="test").images
+    assert len(train) == 6 and len(test) == 2
+    assert not {float(x.mean()) for x in train} & {float(x.mean()) for x in test}
+    for split in ("train", "test"):
+        (tmp_path / "layout" / split).mkdir(parents=True)
+        Image.fromarray(np.full((4, 4), 99 if split == "test" else 1, np.uint8)).save(tmp_path / "layout" / split / "a.png")
+    assert load_dataset(f"folder:{tmp_path / 'layout'}", split="test").images.max() == pytest.approx(99 / 255)
 
 
 def test_channel_conversions():

@@ -43,6 +43,9 @@ def write_bad_files(folder):
     (folder / "scan.mgz").write_bytes(raw)
     cases["scan.mgz"] = "not a NIfTI"
     cases["missing.nii.gz"] = "file not found"
+    rgb = np.zeros((6, 6, 6), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    nib.save(nib.Nifti1Image(rgb, np.eye(4)), folder / "rgb.nii.gz")
+    cases["rgb.nii.gz"] = "not a scalar intensity"
     return cases
 
 
@@ -69,7 +72,7 @@ def test_partial_nan_is_zeroed(tmp_path):
 
 @pytest.mark.parametrize("name", ["truncated.nii.gz", "corrupt.nii.gz", "truncated.nii", "text.nii.gz",
                                   "gztext.nii.gz", "slice2d.nii.gz", "series4d.nii.gz", "nan.nii.gz",
-                                  "constant.nii.gz", "empty.nii.gz", "scan.mgz", "missing.nii.gz"])
+                                  "constant.nii.gz", "empty.nii.gz", "scan.mgz", "missing.nii.gz", "rgb.nii.gz"])
 def test_bad_inputs_raise_one_line_scan_error(tmp_path, name):
     expected = write_bad_files(tmp_path)[name]
     with pytest.raises(ScanError) as info:

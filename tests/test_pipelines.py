@@ -66,6 +66,7 @@ def brats_cases(tmp_path_factory):
     root = tmp_path_factory.mktemp("brats")
     for index in range(1, 7):
         write_case(root / f"BraTS2021_{index:05d}", case=f"BraTS2021_{index:05d}")
+    write_case(root / "BraTS2021_00099", case="BraTS2021_00099", with_seg=False)  # validation-style case
     return root
 
 
@@ -75,9 +76,12 @@ def test_brats_msma_trains_on_tumour_free_slices_and_evaluates_tumour(brats_case
                     "--data-dir", brats_cases, "--out", run)
     assert result.exit_code == 0, result.output
     split = json.loads((run / "split.json").read_text())
-    assert len(split["train"]) == 4 and len(split["heldout"]) == 2
+    assert len(split["train"]) + len(split["heldout"]) == 7
     reference = json.loads((run / "reference.json").read_text())
     assert all(key.split(":")[0] in split["heldout"] for key in reference["items"])
+    # slices of a case without segmentation are never taken as tumour-free inliers
+    assert "BraTS2021_00099" in split["heldout"]
+    assert not any(key.startswith("BraTS2021_00099") for key in reference["items"])
     result = invoke("evaluate", "--run", run, "--data-dir", brats_cases, "--group-by", "tumour")
     assert result.exit_code == 0, result.output
     metrics = json.loads((run / "metrics.json").read_text())

@@ -121,3 +121,10 @@ def test_real_paediatric_scan_preprocesses():
     path = shared_data("paediatric_t1w_bids", "sub-0002", "ses-V01", "anat", "sub-0002_ses-V01_T1w.nii.gz")
     slices = T1SlicePreprocessor(PreprocessingConfig())(path)
     assert slices.shape == (3, 1, 90, 110) and np.isfinite(slices).all() and slices.max() == pytest.approx(1.0)
+
+
+def test_a_volume_without_positive_signal_is_a_scan_error(tmp_path):
+    data, affine = phantom_ras()
+    save_flipped(tmp_path / "negative.nii.gz", -data, affine, axes=())
+    with pytest.raises(ScanError, match="negative.nii.gz"):
+        T1SlicePreprocessor(CFG)(tmp_path / "negative.nii.gz")

@@ -10,6 +10,7 @@ A table (CSV/TSV) names one scan per row with columns ``path`` and an age column
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,4 +161,4 @@ def split_subjects(scans: Sequence[Scan], heldout_fraction: float, seed: int) ->
 
 def age_group(age_years: float) -> str:
     """Group label of an age: the nearest whole year (EBDS visits at 1, 2, 4, 6 years)."""
-    return str(int(round(age_years)))
+    return str(int(math.floor(age_years + 0.5)))  # half years round up (round() would go to even)

@@ -565,7 +565,8 @@ def load_dataset(spec: str, data_root=None, split: str = "test", channels: int |
     Parameters
     ----------
     spec : "cifar10", "cifar100", "svhn", "mnist", "fashion-mnist", "folder:<path>" (relative
-        paths are tried under ``data_root`` first), a built-in (:data:`BUILTIN`: "digits",
+        paths are tried under ``data_root`` first; ``<path>/train`` and ``<path>/test`` are used
+        when present, else a fixed 75/25 split of the folder), a built-in (:data:`BUILTIN`: "digits",
         "photos", "china", "flower", "textures", "uniform", "gaussian", "constant") or
         "mix:<a>+<b>+..." (concatenation after conversion; labels dropped since the label spaces
         differ).
@@ -597,7 +598,15 @@ def load_dataset(spec: str, data_root=None, split: str = "test", channels: int |
         folder = Path(spec[7:])
         if data_root is not None and not folder.is_absolute() and (Path(data_root) / folder).is_dir():
             folder = Path(data_root) / folder
-        result = read_image_folder(folder)
+        if (folder / split).is_dir():  # folder/train, folder/test layouts
+            result = read_image_folder(folder / split)
+        elif split == "all":
+            result = read_image_folder(folder)
+        else:  # one pool of images: a fixed 75/25 split, so train and test never share an image
+            try:
+                result = split_train_test(read_image_folder(folder), 0.25, seed=0)[split == "test"]
+            except ValueError as err:
+                raise DatasetError(folder, str(err)) from None
     else:
         name = _ALIASES.get(spec.lower(), spec.lower())
         if name in BUILTIN:

@@ -65,6 +65,9 @@ def load_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     if len(shape) < 3 or 1 in shape:
         raise ScanError(path, f"{sum(s > 1 for s in shape)}-D image of shape {tuple(image.shape)}; "
                               "a 3-D volume is expected")
+    if image.get_data_dtype().kind not in "biuf":
+        raise ScanError(path, f"voxel type {image.get_data_dtype()} is not a scalar intensity (e.g. an RGB image); "
+                              "a greyscale 3-D volume is expected")
     if min(shape) == 0:
         raise ScanError(path, f"image has an empty axis (shape {tuple(image.shape)})")
     try:

@@ -120,7 +120,10 @@ class BratsSlicePreprocessor:
         return sample
 
     def __call__(self, case: BratsCase) -> tuple[np.ndarray, np.ndarray]:
-        out = self.volume(self.load(case))
+        try:
+            out = self.volume(self.load(case))
+        except (RuntimeError, ValueError) as err:  # MONAI wraps a failing transform in RuntimeError
+            raise ScanError(case.case_id, f"preprocessing failed ({str(err).splitlines()[0]})") from None
         image = torch.as_tensor(out[IMAGE])                                  # (C, X, Y, Z)
         brain = (image > 0).any(dim=0).float().mean(dim=(0, 1))              # (Z,)
         keep = torch.nonzero(brain >= self.cfg.min_brain_fraction).flatten()

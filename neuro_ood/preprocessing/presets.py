@@ -79,7 +79,10 @@ class T1SlicePreprocessor:
 
     def __call__(self, path: str | Path) -> np.ndarray:
         data, affine = load_volume(path)
-        volume = self.volume(to_metatensor(data, affine))
+        try:
+            volume = self.volume(to_metatensor(data, affine))
+        except (RuntimeError, ValueError) as err:  # MONAI wraps a failing transform in RuntimeError
+            raise ScanError(path, f"preprocessing failed ({str(err).splitlines()[0]})") from None
         try:
             slices = self.slices(volume)
         except ValueError as err:
