@@ -44,17 +44,18 @@ def handles_errors(command):
     return wrapper
 
 
-def _train(method: str | None, dataset: str, data_dir: Path, out: Path, config: str | None,
+def _train(method: str | None, dataset: str | None, data_dir: Path, out: Path, config: str | None,
            overrides: list[str], resume: bool, cache_dir: Path | None) -> None:
     from neuro_ood.config import load_config
     from neuro_ood.errors import ConfigError
     from neuro_ood.pipelines.train import train as run_train
 
-    cfg = load_config(config or f"{method or 'msma'}_{dataset}", [f"dataset={dataset}", *overrides])
+    cfg = load_config(config or f"{method or 'msma'}_{dataset or 'abcd'}",
+                      [*([f"dataset={dataset}"] if dataset else []), *overrides])
     if method is not None and cfg.method != method:
         raise ConfigError(f"{method} was asked for, but config {config} is a {cfg.method} config")
     summary = run_train(cfg, data_dir, out, cache_dir=cache_dir, console=err_console, resume=resume)
-    unit = "scans" if dataset == "abcd" else "slices"
+    unit = "scans" if cfg.dataset == "abcd" else "slices"
     out_console.print(f"{summary.method} run saved to [bold]{summary.run}[/]: {summary.n_train_items} training "
                       f"{unit} ({summary.n_train_slices} slices), {summary.n_heldout_items} held out, "
                       f"{summary.steps} steps, loss {summary.final_loss:.3g}, {summary.seconds:.0f} s")
@@ -62,7 +63,8 @@ def _train(method: str | None, dataset: str, data_dir: Path, out: Path, config: 
         out_console.print(f"[yellow]{len(summary.failures)} input(s) skipped[/] (listed above)")
 
 
-DatasetOption = typer.Option("abcd", "--dataset", help="abcd: T1 scans, inliers by age; brats: tumour-free slices.")
+DatasetOption = typer.Option(None, "--dataset", help="abcd: T1 scans, inliers by age; brats: tumour-free slices "
+                                                     "(default: the config's, abcd without --config).")
 DataDirOption = typer.Option(..., "--data-dir", help="BIDS folder, CSV/TSV table of scans, or BraTS cases.")
 OutOption = typer.Option(..., "--out", help="Run directory to create (or resume).")
 ConfigOption = typer.Option(None, "--config", "-c",
@@ -74,7 +76,7 @@ ResumeOption = typer.Option(True, "--resume/--no-resume", help="Continue from OU
 @app.command()
 @handles_errors
 def train(
-    dataset: str = DatasetOption,
+    dataset: Optional[str] = DatasetOption,
     data_dir: Path = DataDirOption,
     out: Path = OutOption,
     model: Optional[str] = typer.Option(None, "--model", help="msma (default) or glow."),
@@ -94,7 +96,7 @@ app.add_typer(baseline_app, name="baseline")
 @baseline_app.command("fanogan")
 @handles_errors
 def baseline_fanogan(
-    dataset: str = DatasetOption,
+    dataset: Optional[str] = DatasetOption,
     data_dir: Path = DataDirOption,
     out: Path = OutOption,
     config: Optional[str] = ConfigOption,
@@ -109,11 +111,11 @@ def baseline_fanogan(
 @baseline_app.command("resnet")
 @handles_errors
 def baseline_resnet(
-    dataset: str = DatasetOption,
+    dataset: Optional[str] = DatasetOption,
     data_dir: Path = DataDirOption,
     out: Path = OutOption,
     outlier_group: str = typer.Option("1", "--outlier-group", help="Group the classifier learns as outliers "
-                                                                    "(an age in years; 'tumour' for BraTS)."),
+                                                                    "(an age group in years, e.g. 1)."),
     config: Optional[str] = ConfigOption,
     overrides: List[str] = SetOption,
     resume: bool = ResumeOption,
@@ -223,7 +225,8 @@ def quickstart(
 @app.command()
 @handles_errors
 def benchmark(
-    in_set: Optional[str] = typer.Option(None, "--in", help="In-distribution set (default: built-in digits)."),
+    in_set: Optional[str] = typer.Option(None, "--in", help="In-distribution set (default: the built-in china "
+                                                            "crops against flower, constant, digits, gaussian)."),
     out_sets: List[str] = typer.Option([], "--out", help="Out-of-distribution set(s): cifar10, cifar100, svhn, "
                                                           "mnist, fashion-mnist, folder:P, mix:a+b, or a built-in."),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder holding the downloaded sets."),

@@ -201,8 +201,69 @@ def _build(cls, values: dict[str, Any], where: str):
         if dataclasses.is_dataclass(sub_cls):
             kwargs[name] = _build(sub_cls, value, f"{where}{name}.")
         else:
-            kwargs[name] = value
+            kwargs[name] = _checked(value, str(sub), f"{where}{name}")
     return cls(**kwargs)
+
+
+_SCALARS = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def _scalar(value: Any, kind: str, where: str) -> Any:
+    """``value`` as a ``kind`` (int, float, bool, str); YAML reads ``1e-3`` as a string, so numbers in
+    strings are accepted for numeric fields."""
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+    elif kind == "str":
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif not isinstance(value, bool):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = None
+        if number is not None and (kind == "float" or number.is_integer()):
+            return int(number) if kind == "int" else number
+    raise ConfigError(f"{where} must be {'an' if kind == 'int' else 'a'} {kind}, got {value!r}")
+
+
+def _checked(value: Any, annotation: str, where: str) -> Any:
+    """Check (and where harmless coerce) ``value`` against a field annotation such as ``int``,
+    ``str | None``, ``list[float]`` or ``dict[str, dict[str, Any]]``."""
+    base = annotation.removesuffix(" | None")
+    if value is None:
+        if base != annotation:
+            return None
+        raise ConfigError(f"{where} must be given (it is empty)")
+    if base in _SCALARS:
+        return _scalar(value, base, where)
+    if base.startswith("list["):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        inner = base[5:-1]
+        return [_scalar(v, inner, f"{where}[{i}]") if inner in _SCALARS else v for i, v in enumerate(value)]
+    if base.startswith("dict[") and not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a mapping, got {value!r}")
+    return value
+
+
+def _check_ranges(cfg: "ExperimentConfig") -> None:
+    """Values that parse but make no sense are refused before any work starts."""
+    problems = []
+    if not 0 < cfg.score.tpr <= 1:
+        problems.append(f"score.tpr must be in (0, 1], got {cfg.score.tpr}")
+    if not 0 < cfg.data.heldout_fraction < 1:
+        problems.append(f"data.heldout_fraction must be in (0, 1), got {cfg.data.heldout_fraction}")
+    if len(cfg.data.inlier_ages) != 2 or cfg.data.inlier_ages[0] > cfg.data.inlier_ages[1]:
+        problems.append(f"data.inlier_ages must be [low, high] in years, got {cfg.data.inlier_ages}")
+    if cfg.training.steps < 0 or cfg.training.batch_size < 1 or cfg.training.checkpoint_every < 1:
+        problems.append("training.steps must be ≥ 0, training.batch_size and training.checkpoint_every ≥ 1")
+    for name, params in cfg.scorers.items():
+        if not isinstance(params, dict):
+            problems.append(f"scorers.{name} must be a mapping of its parameters ({{}} for the defaults), "
+                            f"got {params!r}")
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 def _deep_merge(base: dict, update: dict) -> dict:
@@ -270,4 +331,6 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
 
 
 def config_from_dict(values: dict[str, Any]) -> ExperimentConfig:
-    return _build(ExperimentConfig, values, "")
+    cfg = _build(ExperimentConfig, values, "")
+    _check_ranges(cfg)
+    return cfg

@@ -38,7 +38,7 @@ from neuro_ood.features import glow_anomaly_scores
 from neuro_ood.io import write_json
 from neuro_ood.metrics import ood_metrics
 from neuro_ood.runs import RunDir
-from neuro_ood.training import glow_bits_per_dim
+from neuro_ood.training import glow_bits_per_dim, resolve_device
 from neuro_ood.pipelines.common import batched
 from neuro_ood.pipelines.baselines import FAnoGANMethod, ResNetMethod
 from neuro_ood.pipelines.methods import GlowMethod, MSMAMethod
@@ -160,7 +160,7 @@ def benchmark(in_spec: str | None = None, out_specs: Sequence[str] = (), data_ro
                      outliers=None, general=None) -> Glow:
             run = _prepare_run(path, run_cfg, dataset)
             if _trained(run, run_cfg.training.steps, "model.safetensors"):
-                return run.load_model(run_cfg)
+                return run.load_model(run_cfg, resolve_device(run_cfg.training.device))
             return GlowMethod.train(run_cfg, run, images, console, outliers=outliers, general=general).model
 
         in_path = root / _slug(in_spec) / "glow"

@@ -80,8 +80,12 @@ def score_scans(run_dir: str | Path, paths: Sequence[str | Path], cache_dir: str
     map_files = []
     if maps_dir is not None:
         spacing = cfg.preprocessing.spacing_mm
+        used: dict[str, int] = {}
         for item in prepared.items:
-            files = save_anomaly_maps(Path(maps_dir), Path(item.label).name, item.slices, method.maps(item.slices),
-                                      spacing)
+            name = Path(item.label).name
+            used[name] = used.get(name, 0) + 1
+            if used[name] > 1:  # same file name in another folder: keep both maps
+                name = f"{name.removesuffix('.nii.gz').removesuffix('.nii')}_{used[name]}"
+            files = save_anomaly_maps(Path(maps_dir), name, item.slices, method.maps(item.slices), spacing)
             map_files.extend(str(f) for f in files)
     return ScoreReport(results=results, failures=failures + prepared.failures, map_files=map_files)

@@ -140,6 +140,11 @@ def test_score_writes_anomaly_maps(trained_run, tiny_cohort, tmp_path):
     nifti = nib.load(tmp_path / "maps" / "sub-0001_T1w_anomaly_map.nii.gz")
     assert nifti.shape == (45, 55, 3) and (nifti.get_fdata() >= 0).all()
     assert (tmp_path / "maps" / "sub-0001_T1w_anomaly_map.png").stat().st_size > 0
+    twin = tmp_path / "elsewhere" / scan.name  # the same file name in another folder keeps its own map
+    twin.parent.mkdir()
+    twin.write_bytes(scan.read_bytes())
+    result = invoke("score", scan, twin, "--run", trained_run, "--maps", tmp_path / "maps2", "--json")
+    assert len(set(json.loads(result.stdout)["maps"])) == 4
 
 
 @pytest.mark.parametrize("damage", ["weights", "metadata", "scorers", "reference"])
