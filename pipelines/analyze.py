@@ -19,6 +19,7 @@ from rich.console import Console  # noqa: E402
 from neuro_ood.analysis.fourier import fourier_likelihood_analysis, mix_amplitude_phase  # noqa: E402
 from neuro_ood.data.natural import load_dataset  # noqa: E402
 from neuro_ood.errors import RunError  # noqa: E402
+from neuro_ood.io import atomic_write  # noqa: E402
 from neuro_ood.runs import RunDir  # noqa: E402
 from neuro_ood.training import resolve_device  # noqa: E402
 from neuro_ood.pipelines.methods import GlowMethod  # noqa: E402
@@ -59,6 +60,6 @@ def _draw_examples(images, result, path: Path, rows: int = 4) -> None:
             ax.set_title(f"{title}\nlog p = {loglik:.0f}", fontsize=8)
             ax.axis("off")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)

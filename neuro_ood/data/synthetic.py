@@ -28,7 +28,7 @@ that the world-space image does not depend on it.
 from __future__ import annotations
 
 import functools
-import json
+import gzip
 import pathlib
 from collections.abc import Sequence
 
@@ -36,6 +36,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
+
+from neuro_ood.io import atomic_write, write_json, write_text
 
 TEMPLATE_MM = 2.0
 AGE_TAU_YEARS = 3.5
@@ -204,10 +206,11 @@ def write_synthetic_cohort(
         sub = f"sub-{n:04d}"
         anat = out_dir / sub / "anat"
         anat.mkdir(parents=True, exist_ok=True)
-        nib.save(synthesize_t1(age, rng, resolution_mm), anat / f"{sub}_T1w.nii.gz")
+        with atomic_write(anat / f"{sub}_T1w.nii.gz") as tmp:
+            tmp.write_bytes(gzip.compress(synthesize_t1(age, rng, resolution_mm).to_bytes(), compresslevel=6))
         rows.append(f"{sub}\t{age:.2f}\t{sex}\t{group}")
 
-    (out_dir / "participants.tsv").write_text("\n".join(rows) + "\n")
+    write_text(out_dir / "participants.tsv", "\n".join(rows) + "\n")
     description = {
         "Name": "neuro-ood synthetic cohort",
         "BIDSVersion": "1.8.0",
@@ -219,6 +222,6 @@ def write_synthetic_cohort(
         "sex": {"Description": "Sex", "Levels": {"M": "male", "F": "female"}},
         "group": {"Description": "'inlier' (training age range) or 'age-<a>' (younger outlier group)"},
     }
-    (out_dir / "dataset_description.json").write_text(json.dumps(description, indent=2) + "\n")
-    (out_dir / "participants.json").write_text(json.dumps(sidecar, indent=2) + "\n")
+    write_json(out_dir / "dataset_description.json", description)
+    write_json(out_dir / "participants.json", sidecar)
     return out_dir
