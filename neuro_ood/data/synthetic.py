@@ -207,7 +207,7 @@ def write_synthetic_cohort(
         anat = out_dir / sub / "anat"
         anat.mkdir(parents=True, exist_ok=True)
         with atomic_write(anat / f"{sub}_T1w.nii.gz") as tmp:
-            tmp.write_bytes(gzip.compress(synthesize_t1(age, rng, resolution_mm).to_bytes(), compresslevel=6))
+            tmp.write_bytes(gzip.compress(synthesize_t1(age, rng, resolution_mm).to_bytes(), compresslevel=1))
         rows.append(f"{sub}\t{age:.2f}\t{sex}\t{group}")
 
     write_text(out_dir / "participants.tsv", "\n".join(rows) + "\n")
