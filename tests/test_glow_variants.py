@@ -6,26 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from neuro_ood.backbones.glow import ActNorm, AffineCoupling, Glow, GlowOutput
-from neuro_ood.backbones.glow_variants import (DenseAffineCoupling, DenseFlowStep, FixedOrthogonalProjection,
+from neuro_ood.backbones.glow import ActNorm, Glow, GlowOutput
+from neuro_ood.backbones.glow_variants import (DenseFlowStep, FixedOrthogonalProjection,
                                                FullyConnectedGlow, LocalPatchGlow, build_glow_variant)
 from neuro_ood.features import glow_log_likelihoods
 from neuro_ood.training import train_glow
-
-
-def _perturb_zero_layers(model: torch.nn.Module, scale: float = 0.1) -> None:
-    """Give the zero-initialised coupling outputs and learned priors small random values."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (AffineCoupling, DenseAffineCoupling)):
-                m.net[-1].weight.normal_(0, scale)
-                m.net[-1].bias.normal_(0, scale)
-            if isinstance(m, Glow) and m.learned_prior:
-                for conv in m.split_priors:
-                    conv.weight.normal_(0, scale)
-                    conv.bias.normal_(0, scale)
-                m.top_mean.normal_(0, scale)
-                m.top_log_scale.normal_(0, scale)
+from tests.test_glow import _perturb_zero_layers
 
 
 def _local(dtype=torch.float64, patch=4, learned_prior=False) -> LocalPatchGlow:
