@@ -87,7 +87,7 @@ class ResNetMethod(SliceMethod):
     @classmethod
     def load(cls, run: RunDir, cfg: ExperimentConfig) -> "ResNetMethod":
         model = run.load_model(cfg, resolve_device(cfg.training.device))
-        return cls(model, str(cfg.resnet.outlier_group), cfg.training.feature_batch_size)
+        return cls(model, cfg.resnet.outlier_group, cfg.training.feature_batch_size)
 
     @classmethod
     def train(cls, cfg: ExperimentConfig, run: RunDir, images: np.ndarray, console: Console,
@@ -103,6 +103,6 @@ class ResNetMethod(SliceMethod):
             console, cfg, run, model, images.shape, state, "train ResNet classifier",
             lambda st, on_step, on_ckpt: train_classifier(model, x, y, t.steps, t.batch_size, t.lr, t.seed,
                                                           True, st, on_step, on_ckpt, t.checkpoint_every))
-        method = cls(model, str(cfg.resnet.outlier_group), t.feature_batch_size)
+        method = cls(model, cfg.resnet.outlier_group, t.feature_batch_size)
         method.final_loss = loss
         return method

@@ -17,12 +17,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import TextColumn
 
 from neuro_ood.backbones.glow import Glow
 from neuro_ood.config import ExperimentConfig
+from neuro_ood.data.natural import fit_size
 from neuro_ood.errors import RunError
 from neuro_ood.features import glow_anomaly_scores, glow_log_likelihoods, score_norms
 from neuro_ood.runs import RunDir, build_network, sigmas_of
@@ -147,14 +147,8 @@ class GlowMethod(SliceMethod):
 
     @staticmethod
     def pad(images: np.ndarray, target: Sequence[int]) -> np.ndarray:
-        """Zero-pad ``(N, C, H, W)`` symmetrically to ``target`` (H', W')."""
-        height, width = images.shape[-2:]
-        target_h, target_w = target
-        dh, dw = target_h - height, target_w - width
-        if not dh and not dw:
-            return images
-        padded = F.pad(torch.from_numpy(np.ascontiguousarray(images)), (dw // 2, dw - dw // 2, dh // 2, dh - dh // 2))
-        return padded.numpy()
+        """Zero-pad ``(N, C, H, W)`` symmetrically to ``target`` (H', W') ≥ (H, W)."""
+        return fit_size(images, tuple(target), mode="pad")
 
     def log_likelihoods(self, model: Glow, images: np.ndarray) -> np.ndarray:
         """Per-scale log-likelihoods ``(N, n_scales)`` in nats of zero-padded, noise-free images."""

@@ -57,7 +57,7 @@ def _outlier_group_items(adapter, cfg: ExperimentConfig, sources, inlier_subject
     """Training items of ``resnet.outlier_group``: that group's items in the training sources (BraTS
     tumour slices) and those of a subject split of the other sources (the paper's 1-year-olds), split
     like the inliers so that the rest of the group stays unseen for evaluation."""
-    group = str(cfg.resnet.outlier_group)
+    group = cfg.resnet.outlier_group
     others = prepare_items(adapter, [s for s in sources if s.subject not in inlier_subjects], cache_dir, console,
                            f"preprocess group {group}")
     candidates = [i for i in others.items if i.group == group]
