@@ -230,7 +230,7 @@ def benchmark(
     out_sets: List[str] = typer.Option([], "--out", help="Out-of-distribution set(s): cifar10, cifar100, svhn, "
                                                           "mnist, fashion-mnist, folder:P, mix:a+b, or a built-in."),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder holding the downloaded sets."),
-    model: str = typer.Option("all", "--model", help="msma, glow, fanogan, classifier (S9, needs --general) "
+    model: str = typer.Option("all", "--model", help="msma, glow, fanogan, resnet (the S9 classifier, needs --general) "
                                                      "or all."),
     general: Optional[str] = typer.Option(None, "--general", help="General-domain set for the likelihood ratio "
                                                                   "and the outlier loss."),

@@ -8,6 +8,7 @@ values (``model.channels=[16,32,64]``).
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -42,6 +43,8 @@ class PreprocessingConfig:
     taken at these offsets (voxels at ``spacing_mm``) from the centre of the brain's axial extent.
     ``slice_fit``: ``pad`` centres the brain in a ``slice_size`` field of view at ``spacing_mm``
     (keeps head size, an age cue); ``resize`` interpolates the cropped brain to ``slice_size``.
+    BraTS: ``modalities`` stacked as channels; a slice with no tumour voxel is an inlier, one with at
+    least ``min_tumour_voxels`` is evaluated as ``tumour``, one with fewer (but some) is left out.
     """
 
     preset: str = "t1"
@@ -94,7 +97,10 @@ class TrainingConfig:
     warm-up over ``warmup_steps``, ``augment`` (translate, flip) by up to ``max_shift`` pixels;
     ``init_from`` fine-tunes from another run's weights; with general-domain outliers, the outlier
     loss ``outlier_loss`` (``ratio``: Eq. S1 with ``outlier_temperature`` T and ``outlier_weight`` λ;
-    ``margin``: Outlier Exposure's margin loss with ``margin`` nats per dimension)."""
+    ``margin``: Outlier Exposure's margin loss with ``margin`` nats per dimension). Every method:
+    ``warmup_steps`` of linear learning-rate warm-up, ``grad_clip`` (max gradient norm, none by
+    default), ``ema_decay`` (an EMA of the weights, scored with instead of the raw weights, as in
+    the score-SDE recipe; none by default)."""
 
     steps: int = 200_000
     batch_size: int = 32
@@ -112,6 +118,8 @@ class TrainingConfig:
     outlier_temperature: float = 1000.0
     outlier_weight: float = 6000.0
     margin: float = 1.0
+    grad_clip: float | None = None
+    ema_decay: float | None = None
 
 
 @dataclass
@@ -150,7 +158,8 @@ class ResNetConfig:
 class FAnoGANConfig:
     """f-AnoGAN baseline (Schlegl et al. 2019): WGAN-GP (``n_critic`` critic steps per generator step,
     gradient penalty ``gp_weight``) then the izif encoder for ``encoder_steps`` steps; anomaly score =
-    image residual + ``kappa`` · critic-feature residual."""
+    image residual + ``kappa`` · critic-feature residual. ``betas``: Adam's (β1, β2), (0, 0.9) as in
+    the original code (``wgangp_64x64.py``, with lr 1e-4 in ``training.lr``)."""
 
     latent_dim: int = 128
     width: int = 64
@@ -158,10 +167,11 @@ class FAnoGANConfig:
     gp_weight: float = 10.0
     kappa: float = 1.0
     encoder_steps: int = 10_000
+    betas: list[float] = field(default_factory=lambda: [0.0, 0.9])
 
 
 def _default_scorers() -> dict[str, dict[str, Any]]:
-    return {"gmm": {}, "flow": {}, "kdtree": {}}
+    return {"gmm": {}, "maf": {}, "knn": {}}
 
 
 @dataclass
@@ -247,9 +257,102 @@ def _checked(value: Any, annotation: str, where: str) -> Any:
     return value
 
 
+# The valid values of every enum-like field, checked at load (one ConfigError line instead of a
+# traceback deep in the code). tests/test_config.py checks these against the code that uses them.
+METHODS = ("msma", "glow", "fanogan", "resnet")
+DATASETS = ("abcd", "brats", "natural")
+PRESETS = ("t1", "brats")
+SLICE_FITS = ("pad", "resize")
+AGE_UNITS = ("auto", "years", "months", "weeks", "days")
+# Also accepted, as neuro_ood.data.cohort reads them (case-insensitive): singular and one-letter forms.
+_AGE_UNIT_ALIASES = ("year", "y", "month", "m", "week", "w", "day", "d")
+MODALITIES = ("t1", "t1ce", "t2", "flair")
+BACKBONES = ("unet", "diffusion_unet")
+GLOW_VARIANTS = ("multiscale", "local", "fc")
+OUTLIER_LOSSES = ("ratio", "margin")
+AUGMENTATIONS = ("translate", "flip")
+DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+IMAGE_FITS = ("resize", "pad")
+IMAGE_CHANNELS = (None, 1, 3)
+RESNET_DEPTHS = (10, 18, 34, 50)
+#: Registry names of neuro_ood.scorers.SCORERS (not imported here: the scorers pull in torch).
+SCORER_NAMES = ("gmm", "knn", "maf")
+RENAMED_SCORERS = {"flow": "maf", "kdtree": "knn"}
+
+
+def _show(value: Any) -> str:
+    return "null" if value is None else str(value)
+
+
+def _one_of(problems: list[str], key: str, value: Any, valid: Sequence[Any], accepted: Sequence[Any] = ()) -> None:
+    if value not in valid and value not in accepted:
+        problems.append(f"{key} must be one of {', '.join(map(_show, valid))}, got {value!r}")
+
+
+def _check_choices(cfg: "ExperimentConfig", problems: list[str]) -> None:
+    """Enum-like fields: the key, the bad value and the valid values."""
+    _one_of(problems, "method", cfg.method, METHODS)
+    _one_of(problems, "dataset", cfg.dataset, DATASETS)
+    p, m, t, i = cfg.preprocessing, cfg.model, cfg.training, cfg.images
+    _one_of(problems, "preprocessing.preset", p.preset, PRESETS)
+    _one_of(problems, "preprocessing.slice_fit", p.slice_fit, SLICE_FITS)
+    if cfg.data.age_unit.lower() not in AGE_UNITS + _AGE_UNIT_ALIASES:
+        problems.append(f"data.age_unit must be one of {', '.join(AGE_UNITS)}, got {cfg.data.age_unit!r}")
+    bad = [v for v in p.modalities if v not in MODALITIES]
+    if bad or not p.modalities or len(set(p.modalities)) != len(p.modalities):
+        problems.append(f"preprocessing.modalities must be distinct names among {', '.join(MODALITIES)}, "
+                        f"got {p.modalities!r}")
+    _one_of(problems, "model.backbone", m.backbone, BACKBONES)
+    _one_of(problems, "model.variant", m.variant, GLOW_VARIANTS)
+    _one_of(problems, "training.outlier_loss", t.outlier_loss, OUTLIER_LOSSES)
+    for k, name in enumerate(t.augment):
+        _one_of(problems, f"training.augment[{k}]", name, AUGMENTATIONS)
+    if not _DEVICE.fullmatch(t.device):
+        problems.append(f"training.device must be one of {', '.join(DEVICES)}, got {t.device!r}")
+    _one_of(problems, "images.fit", i.fit, IMAGE_FITS)
+    _one_of(problems, "images.channels", i.channels, IMAGE_CHANNELS)
+    _one_of(problems, "resnet.depth", cfg.resnet.depth, RESNET_DEPTHS)
+    if cfg.method == "msma" and cfg.score.primary not in cfg.scorers:
+        problems.append(f"score.primary must be one of the msma scorers ({', '.join(sorted(cfg.scorers))}), "
+                        f"got {cfg.score.primary!r}")
+
+
+def _check_shapes(cfg: "ExperimentConfig", problems: list[str]) -> None:
+    """Lists of a fixed length and numbers that would otherwise fail deep in the code."""
+    p, m = cfg.preprocessing, cfg.model
+    if len(p.spacing_mm) != 3 or min(p.spacing_mm, default=0) <= 0:
+        problems.append(f"preprocessing.spacing_mm must be 3 positive sizes in mm, got {p.spacing_mm}")
+    if len(p.slice_size) != 2 or min(p.slice_size, default=0) < 1:
+        problems.append(f"preprocessing.slice_size must be [H, W] ≥ 1, got {p.slice_size}")
+    low_high = p.intensity_percentiles
+    if len(low_high) != 2 or not 0 <= low_high[0] < low_high[1] <= 100:
+        problems.append(f"preprocessing.intensity_percentiles must be [low, high] with 0 ≤ low < high ≤ 100, "
+                        f"got {low_high}")
+    if not p.slice_offsets:
+        problems.append("preprocessing.slice_offsets must name at least one slice")
+    if len(cfg.images.size) != 2 or min(cfg.images.size, default=0) < 1:
+        problems.append(f"images.size must be [H, W] ≥ 1, got {cfg.images.size}")
+    if not 0 < m.sigma_min <= m.sigma_max or m.num_sigmas < 1:
+        problems.append(f"model needs 0 < sigma_min ≤ sigma_max and num_sigmas ≥ 1, got sigma_min "
+                        f"{m.sigma_min}, sigma_max {m.sigma_max}, num_sigmas {m.num_sigmas}")
+    if not m.channels or min(m.channels) < 1:
+        problems.append(f"model.channels must be positive channel counts, got {m.channels}")
+    elif cfg.method == "msma" and m.backbone == "unet" and len(m.strides) != len(m.channels) - 1:
+        problems.append(f"model.strides must have one stride per level after the first "
+                        f"(len(model.channels) - 1 = {len(m.channels) - 1}), got {m.strides}")
+    if m.patch < 2 or m.patch % 2:
+        problems.append(f"model.patch must be an even number ≥ 2, got {m.patch}")
+    betas = cfg.fanogan.betas
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        problems.append(f"fanogan.betas must be Adam's [beta1, beta2], each in [0, 1), got {betas}")
+
+
 def _check_ranges(cfg: "ExperimentConfig") -> None:
     """Values that parse but make no sense are refused before any work starts."""
     problems = []
+    _check_choices(cfg, problems)
+    _check_shapes(cfg, problems)
     if not 0 < cfg.score.tpr <= 1:
         problems.append(f"score.tpr must be in (0, 1], got {cfg.score.tpr}")
     if not 0 < cfg.data.heldout_fraction < 1:
@@ -327,7 +430,19 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
         values = _deep_merge(values, read_config_dict(path))
     for text in overrides:
         values = _deep_merge(values, parse_override(text))
-    return config_from_dict(values)
+    cfg = config_from_dict(values)
+    _check_scorer_names(cfg)
+    return cfg
+
+
+def _check_scorer_names(cfg: ExperimentConfig) -> None:
+    """Scorer names of a config being set up (not of a saved run: those are restored by class name,
+    and a run from before the ``maf`` / ``knn`` names still loads)."""
+    unknown = [name for name in cfg.scorers if name not in SCORER_NAMES]
+    if unknown:
+        hints = [f"{name!r} is now {RENAMED_SCORERS[name]!r}" for name in unknown if name in RENAMED_SCORERS]
+        raise ConfigError(f"unknown scorer(s) {', '.join(f'scorers.{n}' for n in unknown)}; valid: "
+                          f"{', '.join(SCORER_NAMES)}" + (f" ({'; '.join(hints)})" if hints else ""))
 
 
 def config_from_dict(values: dict[str, Any]) -> ExperimentConfig:

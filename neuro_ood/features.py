@@ -1,5 +1,11 @@
-"""Per-image features of the backbones: multiscale score norms (MSMA) and per-scale Glow
-log-likelihoods with the anomaly metrics built from them."""
+"""Per-image features of trained networks: multiscale score norms (MSMA), per-scale Glow
+log-likelihoods with the anomaly metrics built from them, and the ResNet classifier baseline's
+logit-based scores (Hendrycks & Gimpel 2017; MSMA A.2; Schirrmeister et al. 2020, S9). Every score
+here is HIGHER = MORE INLIER-LIKE.
+
+f-AnoGAN's anomaly score and residual map (Schlegl et al. 2019) are methods of the model,
+:meth:`~neuro_ood.backbones.fanogan.FAnoGAN.score` and
+:meth:`~neuro_ood.backbones.fanogan.FAnoGAN.residual_map`."""
 
 from __future__ import annotations
 
@@ -7,7 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from neuro_ood.losses import center_bins, to_glow_input
+from neuro_ood.backbones.glow import bits_per_dim
+from neuro_ood.backbones.glow_inputs import center_bins, dequantize, to_glow_input
 
 
 @torch.no_grad()
@@ -57,8 +64,8 @@ def glow_log_likelihoods(model: nn.Module, images01: torch.Tensor | np.ndarray, 
                          n_bins: int = 256) -> np.ndarray:
     """Noise-free per-scale log-likelihoods of a Glow, the features of its anomaly metrics (S4.5).
 
-    Each image is quantised and shifted (:func:`~neuro_ood.losses.to_glow_input`) and moved to the
-    centre of its bins (:func:`~neuro_ood.losses.center_bins`) instead of being dequantised with
+    Each image is quantised and shifted (:func:`~neuro_ood.backbones.glow_inputs.to_glow_input`) and moved to the
+    centre of its bins (:func:`~neuro_ood.backbones.glow_inputs.center_bins`) instead of being dequantised with
     noise; the model runs in eval mode without gradients. Non-finite terms (expected from models
     trained with the outlier loss) become :data:`NONFINITE_LOGLIK`.
 
@@ -87,6 +94,23 @@ def glow_log_likelihoods(model: nn.Module, images01: torch.Tensor | np.ndarray, 
         return np.zeros((0, getattr(model, "n_scales", 0)))
     loglik = torch.cat(rows).numpy()
     return np.where(np.isfinite(loglik), loglik, NONFINITE_LOGLIK)
+
+
+@torch.no_grad()
+def glow_bits_per_dim(model: nn.Module, images01: torch.Tensor, batch_size: int = 64, n_bins: int = 256,
+                      generator: torch.Generator | None = None) -> float:
+    """Mean bits per dimension of ``images01 (N, C, H, W)`` in [0, 1] with one sample of uniform
+    dequantisation noise per image (as reported in S7.1); eval mode, no gradients. Non-finite
+    log-likelihoods are not replaced, so the result can be ``inf``."""
+    model.eval()
+    device = next(model.parameters()).device
+    images01 = torch.as_tensor(images01, dtype=torch.float32)
+    n_dims = int(images01[0].numel())
+    total = 0.0
+    for start in range(0, len(images01), batch_size):
+        x = dequantize(to_glow_input(images01[start:start + batch_size], n_bins), n_bins, generator)
+        total += bits_per_dim(model(x.to(device)).log_px, n_dims, n_bins).double().sum().item()
+    return total / len(images01)
 
 
 def glow_anomaly_scores(loglik_in_model: np.ndarray, loglik_general_model: np.ndarray | None = None
@@ -119,4 +143,106 @@ def glow_anomaly_scores(loglik_in_model: np.ndarray, loglik_general_model: np.nd
     scores = {"raw": loglik_in_model.sum(axis=1), "last_scale": loglik_in_model[:, -1].copy()}
     if loglik_general_model is not None:
         scores["diff"] = scores["raw"] - clean(loglik_general_model).sum(axis=1)
+    return scores
+
+
+#: Keys of :func:`classifier_scores`; all three are "higher = more inlier-like".
+SCORE_KEYS = ("msp", "outlier_logit", "p_in")
+
+
+def _probabilities(logits: torch.Tensor | np.ndarray) -> torch.Tensor:
+    logits = torch.as_tensor(logits).detach().double().cpu()
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be (B, K), got shape {tuple(logits.shape)}")
+    return torch.softmax(logits, dim=1)
+
+
+def msp_score(logits: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Maximum softmax probability (Hendrycks & Gimpel 2017), for groups the classifier never saw.
+
+    ``logits (B, K) -> (B,)`` float64 in [1/K, 1]; higher = more inlier-like (a confident
+    prediction of any training class).
+    """
+    return _probabilities(logits).max(dim=1).values.numpy()
+
+
+def seen_outlier_score(logits: torch.Tensor | np.ndarray, outlier_class: int = 1, kind: str = "probability"
+                       ) -> np.ndarray:
+    """Score of the outlier group the classifier was trained on (MSMA A.2): its class output alone.
+
+    The paper reports the 1-year-old metrics "using the logits corresponding to the outlier class
+    only in lieu of taking the max across both classes". Its Keras model ends in a softmax, so the
+    outputs it read are the softmax probabilities; the default here is therefore
+    ``−p(outlier | x)``. With two classes this ranks exactly like p(in | x) (S9). ``kind="logit"``
+    gives ``−logit_outlier`` instead (the pre-softmax output; only logit differences are
+    constrained by the cross-entropy, so this is the noisier reading).
+
+    ``logits (B, K) -> (B,)`` float64; higher = more inlier-like (a larger outlier output ranks a
+    sample as more outlying).
+    """
+    if kind == "probability":
+        return -_probabilities(logits)[:, outlier_class].numpy()
+    if kind == "logit":
+        logits = torch.as_tensor(logits).detach().double().cpu()
+        if logits.ndim != 2:
+            raise ValueError(f"logits must be (B, K), got shape {tuple(logits.shape)}")
+        return -logits[:, outlier_class].numpy()
+    raise ValueError(f"kind must be 'probability' or 'logit', got {kind!r}")
+
+
+def in_distribution_probability(logits: torch.Tensor | np.ndarray, in_class: int = 0) -> np.ndarray:
+    """p(in-distribution | x), the anomaly metric of the discriminative baseline (Schirrmeister et
+    al. 2020, S9). ``logits (B, K) -> (B,)`` float64 in [0, 1]; higher = more inlier-like."""
+    return _probabilities(logits)[:, in_class].numpy()
+
+
+def score_rule(seen: bool) -> str:
+    """The one place holding MSMA A.2's rule for which :func:`classifier_scores` key to report.
+
+    For the outlier group the classifier was trained on (``seen=True``, the 1-year-olds) the paper
+    uses the outlier class's output alone: ``"outlier_logit"`` (:func:`seen_outlier_score`). For
+    groups it never saw it follows Hendrycks & Gimpel and uses the maximum softmax probability:
+    ``"msp"`` (:func:`msp_score`). The S9 variant uses ``"p_in"`` for every group.
+    """
+    return "outlier_logit" if seen else "msp"
+
+
+@torch.no_grad()
+def classifier_logits(model: nn.Module, images01: torch.Tensor | np.ndarray, batch_size: int = 64) -> torch.Tensor:
+    """Logits ``(N, K)`` (CPU, float32) of ``images01 (N, C, H, W)`` in [0, 1], in eval mode without
+    gradients; the model's train/eval mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    images01 = torch.as_tensor(images01, dtype=torch.float32)
+    rows = [model(images01[start:start + batch_size].to(device)).float().cpu()
+            for start in range(0, len(images01), batch_size)]
+    model.train(was_training)
+    if not rows:
+        return torch.zeros(0, getattr(model, "num_classes", 2))
+    return torch.cat(rows)
+
+
+def classifier_scores(model: nn.Module, images01: torch.Tensor | np.ndarray, batch_size: int = 64,
+                      seen_group: bool | None = None, in_class: int = 0, outlier_class: int = 1,
+                      outlier_kind: str = "probability") -> dict[str, np.ndarray]:
+    """All classifier scores of ``images01 (N, C, H, W)`` in [0, 1]; each ``(N,)`` float64,
+    HIGHER = MORE INLIER-LIKE.
+
+    Returns
+    -------
+    dict
+        ``"msp"`` (:func:`msp_score`), ``"outlier_logit"`` (:func:`seen_outlier_score` with
+        ``outlier_kind``) and ``"p_in"`` (:func:`in_distribution_probability`). With ``seen_group``
+        given, also ``"score"``: the entry :func:`score_rule` picks for a group the classifier was
+        (``True``) or was not (``False``) trained on.
+    """
+    logits = classifier_logits(model, images01, batch_size)
+    scores = {
+        "msp": msp_score(logits),
+        "outlier_logit": seen_outlier_score(logits, outlier_class, outlier_kind),
+        "p_in": in_distribution_probability(logits, in_class),
+    }
+    if seen_group is not None:
+        scores["score"] = scores[score_rule(bool(seen_group))]
     return scores

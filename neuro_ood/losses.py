@@ -1,5 +1,9 @@
-"""Training losses: denoising score matching over noise levels (MSMA Eq. 2, Song & Ermon 2019)
-and Glow's maximum-likelihood and outlier losses (Schirrmeister et al., NeurIPS 2020)."""
+"""Training losses: denoising score matching over noise levels (MSMA Eq. 2, Song & Ermon 2019),
+Glow's maximum-likelihood and outlier losses (Schirrmeister et al., NeurIPS 2020) and f-AnoGAN's
+WGAN-GP and izif encoder losses (Schlegl et al. 2019; Gulrajani et al. 2017).
+
+Glow's input transforms (quantisation, dequantisation, bin centres) are in
+:mod:`neuro_ood.backbones.glow_inputs`."""
 
 from __future__ import annotations
 
@@ -7,7 +11,9 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from neuro_ood.backbones.fanogan import izif_residuals
 from neuro_ood.backbones.glow import bits_per_dim
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -36,49 +42,6 @@ def dsm_loss(score_fn: ScoreFn, x: torch.Tensor, sigmas: torch.Tensor,
     sigma_b = sigma.view(-1, *([1] * (x.dim() - 1)))
     score = score_fn(x + sigma_b * noise, sigma)
     return 0.5 * (sigma_b * score + noise).pow(2).flatten(1).sum(dim=1).mean()
-
-
-def to_glow_input(x01: torch.Tensor, n_bins: int = 256) -> torch.Tensor:
-    """Quantise images in [0, 1] to ``n_bins`` levels and shift them to ``[-0.5, 0.5 − 1/n_bins]``.
-
-    Level ``k = min(⌊x · n_bins⌋, n_bins − 1)`` maps to ``k / n_bins − 0.5`` (S4.1). For 8-bit data
-    stored as ``k / 255`` and ``n_bins = 256`` this recovers ``k`` exactly; for fewer bins it equals
-    Glow's ``⌊k / 2^(8 − n_bits)⌋``.
-
-    Parameters
-    ----------
-    x01 : Tensor
-        Images ``(B, C, H, W)`` (any shape), intensities in [0, 1]; values outside are clipped.
-    n_bins : int
-        Quantisation levels per dimension.
-
-    Returns
-    -------
-    Tensor
-        Same shape, on the grid ``{k / n_bins − 0.5 : k = 0 … n_bins − 1}``.
-    """
-    levels = torch.clamp(torch.floor(x01.clamp(0.0, 1.0) * n_bins), max=n_bins - 1)
-    return levels / n_bins - 0.5
-
-
-def dequantize(x: torch.Tensor, n_bins: int = 256, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Uniform dequantisation for training: ``x + u``, ``u ~ U[0, 1/n_bins)`` per dimension.
-
-    Parameters
-    ----------
-    x : Tensor
-        Quantised inputs from :func:`to_glow_input`, any shape; the result stays inside each
-        input's bin ``[x, x + 1/n_bins)``.
-    generator : torch.Generator, optional
-        CPU generator for the noise (the noise is drawn on the CPU, then moved to ``x``'s device).
-    """
-    noise = torch.rand(x.shape, generator=generator, device="cpu").to(x.device, x.dtype)
-    return x + noise / n_bins
-
-
-def center_bins(x: torch.Tensor, n_bins: int = 256) -> torch.Tensor:
-    """Noise-free evaluation input (S4.5): ``x + 1 / (2 n_bins)``, the centre of each bin."""
-    return x + 0.5 / n_bins
 
 
 def glow_nll_bits(log_px: torch.Tensor, n_dims: int, n_bins: int = 256) -> torch.Tensor:
@@ -113,7 +76,7 @@ def outlier_loss(log_p_in: torch.Tensor, log_p_general: torch.Tensor, temperatur
     of the batch would be dropped (``4 · n_used < B``), the batch is to be skipped: the loss is then
     a zero that is still part of the graph of ``log_p_in`` (its backward pass gives zero gradients)
     and ``n_used = 0``. Exactly 75 % dropped is kept. Note that gradients through a model output
-    that was −inf may still be NaN upstream; :func:`neuro_ood.training.train_glow` therefore
+    that was −inf may still be NaN upstream; :func:`neuro_ood.trainer.steps.glow_step_fn` therefore
     recomputes the forward pass on the kept examples.
 
     Parameters
@@ -154,7 +117,7 @@ def margin_outlier_loss(log_p_in_inliers: torch.Tensor, log_p_in_outliers: torch
 
     Units: the function is unit-agnostic, but all three quantities must share one unit. Hendrycks et
     al. (and the paper's comparison code) use total log-likelihoods in nats with ``margin = C·H·W``
-    (the number of dimensions), i.e. one nat per dimension; :func:`neuro_ood.training.train_glow`
+    (the number of dimensions), i.e. one nat per dimension; :func:`neuro_ood.trainer.steps.glow_step_fn`
     passes nats per dimension (``log_px / n_dims``) with ``margin = 1.0`` — the same loss divided by
     ``n_dims``.
 
@@ -180,3 +143,78 @@ def margin_outlier_loss(log_p_in_inliers: torch.Tensor, log_p_in_outliers: torch
     if detach_inliers:
         inliers = inliers.detach()
     return F.relu(margin + log_p_in_outliers[:n] - inliers).mean()
+
+
+def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """WGAN-GP penalty ``E[(‖∇_x̂ D(x̂)‖₂ − 1)²]`` (Gulrajani et al. 2017), a scalar with graph.
+
+    Parameters
+    ----------
+    critic : nn.Module
+        ``x (B, C, H, W) -> (B,)``.
+    real, fake : Tensor
+        ``(B, C, H, W)`` real and generated images (both detached here).
+    generator : torch.Generator, optional
+        Random source (CPU) of the interpolation weights ``ε ~ U[0, 1]``, one per example;
+        ``x̂ = ε·real + (1 − ε)·fake``.
+
+    Returns
+    -------
+    Tensor
+        ``()``; computed with ``create_graph=True`` so that it can be backpropagated to the critic's
+        parameters. The norm is ``sqrt(Σ g² + 1e-12)`` to keep its gradient finite at g = 0.
+    """
+    eps = torch.rand(len(real), *([1] * (real.dim() - 1)), generator=generator).to(real.device, real.dtype)
+    x_hat = (eps * real.detach() + (1.0 - eps) * fake.detach()).requires_grad_(True)
+    (grad,) = torch.autograd.grad(critic(x_hat).sum(), x_hat, create_graph=True)
+    norm = torch.sqrt(grad.flatten(1).pow(2).sum(1) + 1e-12)
+    return (norm - 1.0).pow(2).mean()
+
+
+def izif_loss(x: torch.Tensor, encoder: nn.Module, generator: nn.Module, critic: nn.Module,
+              kappa: float = 1.0) -> torch.Tensor:
+    """izif training loss ``MSE(x, G(E(x))) + κ · MSE(f_D(x), f_D(G(E(x))))``, a scalar with graph.
+
+    The batch mean of :meth:`neuro_ood.backbones.fanogan.FAnoGAN.score`'s per-image sum: κ weighs the
+    FEATURE residual, the image residual has weight 1 (:func:`~neuro_ood.backbones.fanogan.izif_residuals`).
+    Modules are used in whatever mode they are in.
+
+    Parameters
+    ----------
+    x : Tensor
+        ``(B, C, H, W)`` images in [0, 1].
+    kappa : float
+        Weight of the critic-feature residual (1 in f-AnoGAN).
+    """
+    residual_image, residual_features = izif_residuals(x, encoder, generator, critic)
+    return (residual_image + kappa * residual_features).mean()
+
+
+def wgan_critic_loss(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, gp_weight: float,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """WGAN-GP critic loss ``mean D(fake) − mean D(real) + gp_weight · gradient_penalty``, a scalar with graph.
+
+    Parameters
+    ----------
+    critic : nn.Module
+        ``x (B, C, H, W) -> (B,)``.
+    real, fake : Tensor
+        ``(B, C, H, W)`` real and generated images; ``fake`` is normally generated without gradients.
+    gp_weight : float
+        Weight of :func:`gradient_penalty` (10 in WGAN-GP and f-AnoGAN).
+    generator : torch.Generator, optional
+        Random source (CPU) of the penalty's interpolation weights.
+
+    Returns
+    -------
+    Tensor
+        ``()``, minimised over the critic's parameters.
+    """
+    return critic(fake).mean() - critic(real).mean() + gp_weight * gradient_penalty(critic, real, fake, generator)
+
+
+def wgan_generator_loss(critic: nn.Module, fake: torch.Tensor) -> torch.Tensor:
+    """WGAN generator loss ``−mean D(fake)`` for generated images ``fake (B, C, H, W)``; ``()`` with
+    graph, minimised over the generator's parameters (the critic's are normally frozen)."""
+    return -critic(fake).mean()

@@ -17,12 +17,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 from neuro_ood.analysis.fourier import fourier_likelihood_analysis, mix_amplitude_phase  # noqa: E402
-from neuro_ood.data.natural import load_dataset  # noqa: E402
+from neuro_ood.data.image_sets import load_dataset  # noqa: E402
 from neuro_ood.errors import RunError  # noqa: E402
 from neuro_ood.io import atomic_write  # noqa: E402
-from neuro_ood.runs import RunDir  # noqa: E402
-from neuro_ood.training import resolve_device  # noqa: E402
-from neuro_ood.pipelines.methods import GlowMethod  # noqa: E402
+from neuro_ood.pipelines.rundir import RunDir  # noqa: E402
 
 
 def fourier(run_dir: str | Path, dataset: str, data_root: str | Path | None = None, n: int = 500,
@@ -33,12 +31,11 @@ def fourier(run_dir: str | Path, dataset: str, data_root: str | Path | None = No
     cfg = run.load_config()
     if cfg.method != "glow":
         raise RunError(f"{run.path} is a {cfg.method} run; the Fourier analysis needs a Glow run")
-    model = run.load_model(cfg, resolve_device(cfg.training.device))
+    detector = run.load_detector(cfg)
     images = load_dataset(dataset, data_root, split="test", channels=cfg.images.channels,
                           size=tuple(cfg.images.size), n=n, seed=seed, fit=cfg.images.fit).images
-    method = GlowMethod(model, batch_size=cfg.training.feature_batch_size)
     with console.status(f"scoring {len(images)} originals and their amplitude/phase mixes"):
-        result = fourier_likelihood_analysis(images, lambda x: method.log_likelihoods(model, x).sum(1), seed=seed)
+        result = fourier_likelihood_analysis(images, lambda x: detector.log_likelihoods(x).sum(1), seed=seed)
     summary = {"run": str(run.path), "dataset": dataset, "n": result.n,
                "spearman_amplitude": result.spearman_amplitude, "spearman_phase": result.spearman_phase}
     if figure is not None:

@@ -4,12 +4,12 @@ For an in-distribution set and one or more out-of-distribution sets (test splits
 trains (or reuses, from ``run_dir``) the methods on the in-distribution training split and reports
 every metric per pair and method:
 
-- ``msma_gmm``, ``msma_flow``, ``msma_kdtree``: MSMA with each auxiliary scorer;
+- ``msma_gmm``, ``msma_maf``, ``msma_knn``: MSMA with each auxiliary scorer;
 - ``fanogan``: f-AnoGAN's residual score (negated: higher = more typical);
 - ``glow_raw``: the Glow's log-likelihood; ``glow_last_scale``: its coarsest-scale contribution;
 - with a general-domain set: ``glow_diff`` (log-likelihood ratio against a Glow trained on the general
   set), ``glow_diff_outlier_loss`` (the same after fine-tuning the in-distribution Glow with the
-  outlier loss, general-domain images as outliers) and ``classifier_p_in`` (Glow supplement S9: a
+  outlier loss, general-domain images as outliers) and ``resnet_p_in`` (Glow supplement S9: a
   ResNet trained to tell the in-distribution set from the general set, scored by p(in | x)).
 
 With no data root the built-in offline sets are used (see :data:`DEFAULT_BENCHMARK`).
@@ -22,30 +22,29 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from rich.console import Console
 from rich.markup import escape
 
-from neuro_ood.backbones.glow import Glow
-from neuro_ood.baselines.classifier import classifier_scores
 from neuro_ood.config import ExperimentConfig, ImagesConfig, load_config
-from neuro_ood.data.natural import DatasetError, ImageSet, load_dataset, split_train_test
+from neuro_ood.data.image_readers import DatasetError, ImageSet
+from neuro_ood.data.image_sets import load_dataset, split_train_test
 from neuro_ood.errors import ConfigError
+from neuro_ood.detectors import Detector, GlowDetector, build_detector, detector_class
+from neuro_ood.devices import resolve_device
 from neuro_ood.features import glow_anomaly_scores
 from neuro_ood.io import write_json
 from neuro_ood.metrics import ood_metrics
-from neuro_ood.runs import RunDir
-from neuro_ood.training import glow_bits_per_dim, resolve_device
-from neuro_ood.pipelines.common import batched
-from neuro_ood.pipelines.baselines import FAnoGANMethod, ResNetMethod
-from neuro_ood.pipelines.methods import GlowMethod, MSMAMethod
+from neuro_ood.preprocessing.presets import preprocessing_fingerprint
+from neuro_ood.pipelines.common import ConsoleProgress, batched
+from neuro_ood.pipelines.rundir import RunDir
 
 DEFAULT_BENCHMARK = {"in": "china", "out": ["flower", "constant", "digits", "gaussian"], "general": "textures"}
 DEFAULT_CONFIGS = {"msma": "msma_bench_quick", "glow": "glow_bench_quick", "fanogan": "fanogan_bench_quick",
-                   "classifier": "resnet_bench_quick"}
+                   "resnet": "resnet_bench_quick"}
 
 
 @dataclass
@@ -88,21 +87,34 @@ def load_sets(in_spec: str, out_specs: Sequence[str], general_spec: str | None, 
     return BenchmarkSets(in_train, in_test, outs, general)
 
 
-def _score_sets(method, sets: dict[str, np.ndarray], console: Console, description: str) -> dict[str, dict]:
+def _score_sets(score: Callable[[np.ndarray], dict[str, np.ndarray]], sets: dict[str, np.ndarray],
+                console: Console, description: str) -> dict[str, dict]:
     """``{set name: {score name: (N,)}}``, a progress bar per set."""
-    return {name: batched(method, images, 256, console, f"{description}: {name}") for name, images in sets.items()}
+    return {name: batched(score, images, 256, console, f"{description}: {name}") for name, images in sets.items()}
 
 
-def _trained(run: RunDir, steps: int, needs: str) -> bool:
-    """Whether ``run`` already holds a model trained for ``steps`` steps (and the file ``needs``)."""
-    state = run.load_train_state()
-    return state is not None and state.step >= steps and run.file(needs).is_file()
-
-
-def _prepare_run(path: Path, cfg: ExperimentConfig, dataset: str) -> RunDir:
+def _prepare_run(path: Path, cfg: ExperimentConfig, image_set: str) -> RunDir:
+    """The run directory of one model, its config recording the image set it trains on in ``name``."""
     run = RunDir(path)
-    run.save_config(dataclasses.replace(cfg, dataset=dataset))
+    run.save_config(dataclasses.replace(cfg, dataset="natural", name=f"{cfg.name}[{image_set}]"))
     return run
+
+
+def _fitted(run: RunDir, cfg: ExperimentConfig, images: np.ndarray, console: Console, steps: int | None = None,
+            needs: str = "model.safetensors", general=None, **fit_args) -> Detector:
+    """The run's detector if it was already trained for ``steps`` (default ``training.steps``)
+    steps and holds ``needs``; else a detector of ``cfg`` trained on ``images`` and saved there."""
+    steps = cfg.training.steps if steps is None else steps
+    device = resolve_device(cfg.training.device)
+    if run.trained_steps() >= steps and run.file(needs).is_file() and run.file("train_state.pt").is_file():
+        detector = detector_class(cfg.method).load(run.path, device)
+    else:
+        detector = GlowDetector(cfg, device, general=general) if cfg.method == "glow" else build_detector(cfg, device)
+        detector.meta["preprocessing_fingerprint"] = preprocessing_fingerprint(cfg.preprocessing)
+        with ConsoleProgress(console) as progress:
+            detector.fit(images, checkpoint_dir=run.path, progress=progress, **fit_args)
+        detector.save(run.path)
+    return detector
 
 
 def benchmark(in_spec: str | None = None, out_specs: Sequence[str] = (), data_root: str | Path | None = None,
@@ -118,20 +130,19 @@ def benchmark(in_spec: str | None = None, out_specs: Sequence[str] = (), data_ro
     if not out_specs:
         raise ConfigError("give at least one --out dataset")
     if model == "all":
-        methods = ["msma", "glow", "fanogan"] + (["classifier"] if general_spec else [])
+        methods = ["msma", "glow", "fanogan"] + (["resnet"] if general_spec else [])
     else:
         methods = [model]
     if any(m not in DEFAULT_CONFIGS for m in methods):
-        raise ConfigError(f"--model must be msma, glow, fanogan, classifier or all, got {model!r}")
-    if "classifier" in methods and not general_spec:
-        raise ConfigError("the classifier baseline (S9) learns the in-distribution set against --general; give one")
+        raise ConfigError(f"--model must be msma, glow, fanogan, resnet or all, got {model!r}")
+    if "resnet" in methods and not general_spec:
+        raise ConfigError("the ResNet classifier (S9) learns the in-distribution set against --general; give one")
     cfgs = {m: load_config(DEFAULT_CONFIGS[m], overrides) for m in methods}
     for path in configs:
         cfg = load_config(path, overrides)
-        slot = "classifier" if cfg.method == "resnet" else cfg.method
-        if slot not in cfgs:
+        if cfg.method not in cfgs:
             raise ConfigError(f"config {path} is a {cfg.method} config, but --model is {model}")
-        cfgs[slot] = cfg
+        cfgs[cfg.method] = cfg
     images_cfg = next(iter(cfgs.values())).images
     if any((c.images.channels, c.images.size) != (images_cfg.channels, images_cfg.size) for c in cfgs.values()):
         raise ConfigError("the configs disagree on images.channels / images.size; the methods must see the same images")
@@ -149,39 +160,33 @@ def benchmark(in_spec: str | None = None, out_specs: Sequence[str] = (), data_ro
     if "msma" in cfgs:
         cfg = cfgs["msma"]
         run = _prepare_run(root / _slug(in_spec) / "msma", cfg, in_spec)
-        method = (MSMAMethod.load(run, cfg) if _trained(run, cfg.training.steps, "scorers.json")
-                  else MSMAMethod.train(cfg, run, sets.in_train.images, console))
-        add(_score_sets(method, test_sets, console, "MSMA scores"), "msma_")
+        detector = _fitted(run, cfg, sets.in_train.images, console, needs="scorers.json")
+        add(_score_sets(detector.score_samples, test_sets, console, "MSMA scores"), "msma_")
 
     if "glow" in cfgs:
         cfg = cfgs["glow"]
 
-        def glow_run(path: Path, images: np.ndarray, dataset: str, run_cfg: ExperimentConfig,
-                     outliers=None, general=None) -> Glow:
-            run = _prepare_run(path, run_cfg, dataset)
-            if _trained(run, run_cfg.training.steps, "model.safetensors"):
-                return run.load_model(run_cfg, resolve_device(run_cfg.training.device))
-            return GlowMethod.train(run_cfg, run, images, console, outliers=outliers, general=general).model
+        def loglik_of(detector: GlowDetector, description: str) -> dict[str, np.ndarray]:
+            scored = _score_sets(lambda x: {"loglik": detector.log_likelihoods(x)}, test_sets, console, description)
+            return {name: values["loglik"] for name, values in scored.items()}
 
         in_path = root / _slug(in_spec) / "glow"
-        glow_in = glow_run(in_path, sets.in_train.images, in_spec, cfg)
-        loglik = _score_sets(GlowMethod(glow_in).log_likelihoods_fn(), test_sets, console, "Glow likelihoods")
-        add({name: glow_anomaly_scores(ll["loglik"]) for name, ll in loglik.items()}, "glow_")
+        glow_in = _fitted(_prepare_run(in_path, cfg, in_spec), cfg, sets.in_train.images, console)
+        loglik = loglik_of(glow_in, "Glow likelihoods")
+        add({name: glow_anomaly_scores(ll) for name, ll in loglik.items()}, "glow_")
         bpd[f"glow[{in_spec}]"] = _bits_per_dim(glow_in, test_sets)
         if sets.general is not None:
-            glow_general = glow_run(root / "general" / _slug(general_spec) / "glow", sets.general.images,
-                                    general_spec, cfg)
-            general_ll = _score_sets(GlowMethod(glow_general).log_likelihoods_fn(), test_sets, console,
-                                     "general-domain Glow likelihoods")
-            add({name: {"diff": glow_anomaly_scores(loglik[name]["loglik"], general_ll[name]["loglik"])["diff"]}
-                 for name in test_sets}, "glow_")
+            glow_general = _fitted(_prepare_run(root / "general" / _slug(general_spec) / "glow", cfg, general_spec),
+                                   cfg, sets.general.images, console)
+            general_ll = loglik_of(glow_general, "general-domain Glow likelihoods")
+            add({name: {"diff": glow_anomaly_scores(loglik[name], general_ll[name])["diff"]} for name in test_sets},
+                "glow_")
             outlier_cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, init_from=str(in_path)))
-            glow_outlier = glow_run(root / _slug(in_spec) / "glow_outlier_loss", sets.in_train.images, in_spec,
-                                    outlier_cfg, outliers=sets.general.images, general=glow_general)
-            outlier_ll = _score_sets(GlowMethod(glow_outlier).log_likelihoods_fn(), test_sets, console,
-                                     "outlier-loss Glow likelihoods")
-            add({name: {"diff_outlier_loss": glow_anomaly_scores(outlier_ll[name]["loglik"],
-                                                                 general_ll[name]["loglik"])["diff"]}
+            glow_outlier = _fitted(_prepare_run(root / _slug(in_spec) / "glow_outlier_loss", outlier_cfg, in_spec),
+                                   outlier_cfg, sets.in_train.images, console, general=glow_general.network,
+                                   outliers=sets.general.images)
+            outlier_ll = loglik_of(glow_outlier, "outlier-loss Glow likelihoods")
+            add({name: {"diff_outlier_loss": glow_anomaly_scores(outlier_ll[name], general_ll[name])["diff"]}
                  for name in test_sets}, "glow_")
             bpd[f"glow[{general_spec}]"] = _bits_per_dim(glow_general, test_sets)
             bpd[f"glow[{in_spec}]+outlier_loss"] = _bits_per_dim(glow_outlier, test_sets)
@@ -189,19 +194,15 @@ def benchmark(in_spec: str | None = None, out_specs: Sequence[str] = (), data_ro
     if "fanogan" in cfgs:
         cfg = cfgs["fanogan"]
         run = _prepare_run(root / _slug(in_spec) / "fanogan", cfg, in_spec)
-        total = cfg.training.steps + cfg.fanogan.encoder_steps
-        method = (FAnoGANMethod.load(run, cfg) if _trained(run, total, "model.safetensors")
-                  else FAnoGANMethod.train(cfg, run, sets.in_train.images, console))
-        add(_score_sets(method, test_sets, console, "f-AnoGAN scores"), "")
+        detector = _fitted(run, cfg, sets.in_train.images, console, steps=cfg.training.steps + cfg.fanogan.encoder_steps)
+        add(_score_sets(detector.score_samples, test_sets, console, "f-AnoGAN scores"), "")
 
-    if "classifier" in cfgs:
-        cfg = cfgs["classifier"]
-        run = _prepare_run(root / _slug(in_spec) / "classifier", cfg, in_spec)
-        method = (ResNetMethod.load(run, cfg) if _trained(run, cfg.training.steps, "model.safetensors")
-                  else ResNetMethod.train(cfg, run, sets.in_train.images, console, outliers=sets.general.images))
-        model_in = method.model
-        add(_score_sets(lambda images: {"p_in": classifier_scores(model_in, images)["p_in"]}, test_sets, console,
-                        "classifier p(in | x)"), "classifier_")
+    if "resnet" in cfgs:
+        cfg = cfgs["resnet"]
+        run = _prepare_run(root / _slug(in_spec) / "resnet", cfg, in_spec)
+        detector = _fitted(run, cfg, sets.in_train.images, console, outliers=sets.general.images)
+        add(_score_sets(lambda x: {"p_in": detector.score_samples(x)["p_in"]}, test_sets, console,
+                        "ResNet p(in | x)"), "resnet_")
 
     report = {"in": in_spec, "out": list(out_specs), "general": general_spec,
               "n": {"train": len(sets.in_train), **{name: len(images) for name, images in test_sets.items()}},
@@ -210,9 +211,7 @@ def benchmark(in_spec: str | None = None, out_specs: Sequence[str] = (), data_ro
     return report
 
 
-def _bits_per_dim(model: Glow, sets: dict[str, np.ndarray]) -> dict[str, float]:
+def _bits_per_dim(detector: GlowDetector, sets: dict[str, np.ndarray]) -> dict[str, float]:
     """Bits/dim with standard dequantisation noise (one sample, S7.1) of each test set."""
     generator = torch.Generator().manual_seed(0)
-    return {name: glow_bits_per_dim(model, torch.from_numpy(
-                GlowMethod.pad(images, model.padded_size(*images.shape[-2:], model.n_scales))), generator=generator)
-            for name, images in sets.items()}
+    return {name: detector.bits_per_dim(images, generator) for name, images in sets.items()}

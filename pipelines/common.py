@@ -1,4 +1,5 @@
-"""Steps shared by the pipelines: preprocess sources into items, score items with a method."""
+"""Steps shared by the pipelines: preprocess sources into items, score items with a detector, show
+a detector's progress on the console."""
 
 from __future__ import annotations
 
@@ -15,15 +16,35 @@ from neuro_ood.errors import CohortError, ScanError
 from neuro_ood.preprocessing.cache import PreprocessedCache, default_cache_dir
 from neuro_ood.pipelines.datasets import Item, Source
 
-SliceScorer = Callable[[np.ndarray], dict[str, np.ndarray]]
-
-
 @contextmanager
 def progress_bar(console: Console | None, *extra_columns) -> Iterator[Progress]:
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns, *extra_columns, console=console or Console(stderr=True),
                   disable=console is not None and console.quiet) as progress:
         yield progress
+
+
+class ConsoleProgress:
+    """A detector's ``progress(stage, done, total, loss)`` callback drawn as rich progress bars, one
+    per stage (with the training loss where the stage has one); use as a context manager."""
+
+    def __init__(self, console: Console | None):
+        self.console = console
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self) -> "ConsoleProgress":
+        self._bars = progress_bar(self.console, TextColumn("{task.fields[loss]}"))
+        self.progress = self._bars.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._bars.__exit__(*exc)
+
+    def __call__(self, stage: str, done: int, total: int, loss: float) -> None:
+        shown = "" if loss != loss else f"loss {loss:.3g}"  # NaN: a stage without a loss
+        if stage not in self.tasks:
+            self.tasks[stage] = self.progress.add_task(stage, total=total, loss=shown)
+        self.progress.update(self.tasks[stage], completed=done, total=total, loss=shown)
 
 
 @dataclass
@@ -74,9 +95,9 @@ def batched(fn: Callable[[np.ndarray], dict[str, np.ndarray]], images: np.ndarra
     return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]} if parts else {}
 
 
-def score_items(method: SliceScorer, items: Sequence[Item], chunk: int = 64, console: Console | None = None,
+def score_items(detector, items: Sequence[Item], chunk: int = 64, console: Console | None = None,
                 description: str = "scoring") -> dict[str, np.ndarray]:
-    """Each of the method's scores per item: the mean of the item's slice scores.
+    """Each of the detector's scores per item: the mean of the item's slice scores.
 
     Slice scores are log-densities or negative distances (higher = more typical); for a density
     their mean is the average per-slice log-likelihood with slices taken as independent, which
@@ -84,6 +105,6 @@ def score_items(method: SliceScorer, items: Sequence[Item], chunk: int = 64, con
     """
     if not items:
         return {}
-    slice_scores = batched(method, np.concatenate([item.slices for item in items]), chunk, console, description)
+    slice_scores = batched(detector.score_samples, np.concatenate([item.slices for item in items]), chunk, console, description)
     bounds = np.cumsum([len(item.slices) for item in items])[:-1]
     return {name: np.array([s.mean() for s in np.split(values, bounds)]) for name, values in slice_scores.items()}

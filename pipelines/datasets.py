@@ -7,7 +7,8 @@ get one score each:
 - ``abcd`` (T1 preset): a source is a T1 scan, an item is that scan (its three slices) grouped by
   age in whole years; inliers are scans aged within ``data.inlier_ages``.
 - ``brats`` (BRATS preset): a source is a case (four modalities + optional segmentation), an item is
-  one axial slice grouped as ``tumour`` / ``no tumour``; inliers are the tumour-free slices.
+  one axial slice grouped as ``tumour`` (at least ``min_tumour_voxels`` tumour voxels) / ``no tumour``
+  (none at all); inliers are the tumour-free slices; slices with a few tumour voxels get no group.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from neuro_ood.config import ExperimentConfig
 from neuro_ood.data.brats import BratsCase, find_brats_case, find_brats_cases
 from neuro_ood.data.cohort import Scan, age_group, load_cohort
 from neuro_ood.errors import ConfigError
-from neuro_ood.preprocessing.brats import BratsSlicePreprocessor
+from neuro_ood.preprocessing.brats import NO_TUMOUR, TUMOUR, BratsSlicePreprocessor, tumour_group
 from neuro_ood.preprocessing.presets import T1SlicePreprocessor, preprocessing_fingerprint
 
 
@@ -85,10 +86,11 @@ class T1AgeCohort:
 
 
 class BratsTumourCohort:
-    """BraTS cases: tumour-free slices are inliers, slices with tumour are outliers."""
+    """BraTS cases: slices without any tumour voxel are inliers, slices with at least
+    ``preprocessing.min_tumour_voxels`` are outliers; slices in between get no group."""
 
     preset, group_by, unit = "brats", "tumour", "slice"
-    inlier_group, outlier_group = "no tumour", "tumour"
+    inlier_group, outlier_group = NO_TUMOUR, TUMOUR
 
     def __init__(self, cfg: ExperimentConfig):
         self.cfg = cfg
@@ -110,17 +112,21 @@ class BratsTumourCohort:
         return True
 
     def preprocess(self, source: Source) -> dict[str, np.ndarray]:
-        slices, tumour = self.preprocess_case(source.payload)
-        return {"slices": slices, "tumour": tumour, "segmented": np.array([source.payload.seg is not None])}
+        slices, tumour_voxels = self.preprocess_case(source.payload)
+        return {"slices": slices, "tumour_voxels": tumour_voxels,
+                "segmented": np.array([source.payload.seg is not None])}
 
     def items(self, source: Source, arrays: dict[str, np.ndarray]) -> list[Item]:
-        """One item per slice; a case without segmentation (e.g. BraTS validation data) gets no group,
-        so its slices are neither trained on as tumour-free nor evaluated."""
+        """One item per slice, grouped by :func:`tumour_group`: ``no tumour`` (no tumour voxel at all),
+        ``tumour`` (at least ``min_tumour_voxels``) or none (1 to ``min_tumour_voxels - 1`` voxels: never
+        an inlier, too small to evaluate). A case without segmentation (e.g. BraTS validation data)
+        gets no group either, so its slices are neither trained on as tumour-free nor evaluated."""
         segmented = bool(arrays["segmented"][0])
+        minimum = self.cfg.preprocessing.min_tumour_voxels
         return [Item(key=f"{source.subject}:{i}", subject=source.subject, label=f"{source.label} slice {i}",
-                     group=(self.outlier_group if flag else self.inlier_group) if segmented else None,
+                     group=tumour_group(int(voxels), minimum) if segmented else None,
                      slices=arrays["slices"][i:i + 1])
-                for i, flag in enumerate(arrays["tumour"].astype(bool))]
+                for i, voxels in enumerate(arrays["tumour_voxels"])]
 
     def is_inlier(self, item: Item) -> bool:
         return item.group == self.inlier_group

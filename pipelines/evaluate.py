@@ -13,11 +13,10 @@ from rich.console import Console
 from neuro_ood.config import ExperimentConfig
 from neuro_ood.errors import CohortError, ConfigError, RunError
 from neuro_ood.metrics import ood_metrics
-from neuro_ood.runs import RunDir
 from neuro_ood.pipelines.common import prepare_items, score_items
 from neuro_ood.pipelines.datasets import dataset_adapter
 from neuro_ood.pipelines.reference import reference_scores
-from neuro_ood.pipelines.registry import method_class
+from neuro_ood.pipelines.rundir import RunDir
 
 
 @dataclass
@@ -102,8 +101,8 @@ def evaluate(run_dirs: str | Path | Sequence[str | Path], data_dir: str | Path, 
         if not items:
             raise CohortError(f"{data_dir}: nothing to evaluate — every item is in the runs' training splits "
                               f"or reference, or has no {adapter.group_by}")
-        method = method_class(loaded.cfg).load(loaded.run, loaded.cfg)
-        scores = score_items(method, items, console=console, description=f"score groups ({label})")
+        detector = loaded.run.load_detector(loaded.cfg)
+        scores = score_items(detector, items, console=console, description=f"score groups ({label})")
         members: dict[str, list[int]] = defaultdict(list)
         for index, item in enumerate(items):
             members[item.group].append(index)
@@ -111,12 +110,12 @@ def evaluate(run_dirs: str | Path | Sequence[str | Path], data_dir: str | Path, 
         groups = {}
         for group in sorted(members, key=_group_order):
             index = members[group]
-            group_scores = method.group_view({name: values[index] for name, values in scores.items()}, group)
-            group_inliers = method.group_view(inliers, group)
+            group_scores = detector.group_view({name: values[index] for name, values in scores.items()}, group)
+            group_inliers = detector.group_view(inliers, group)
             groups[group] = {"n": len(index), "scorers": {
                 name: ood_metrics(group_inliers[name], values) for name, values in group_scores.items()}}
         per_run[label] = {"run": str(loaded.run.path), "inliers": {"n": len(keep)}, "groups": groups,
-                          "seen_groups": list(method.seen_groups)}
+                          "seen_groups": list(detector.seen_groups)}
 
     first = next(iter(per_run.values()))
     metrics = {

@@ -10,10 +10,9 @@ from rich.console import Console
 
 from neuro_ood.errors import ConfigError, NeuroOODError
 from neuro_ood.report import save_anomaly_maps
-from neuro_ood.runs import RunDir
 from neuro_ood.pipelines.common import prepare_items, score_items
 from neuro_ood.pipelines.datasets import dataset_adapter
-from neuro_ood.pipelines.registry import method_class
+from neuro_ood.pipelines.rundir import RunDir
 from neuro_ood.pipelines.reference import percentile, reference_scores, threshold
 
 
@@ -53,9 +52,9 @@ def score_scans(run_dir: str | Path, paths: Sequence[str | Path], cache_dir: str
     run = RunDir(run_dir)
     cfg = run.load_config()
     adapter = dataset_adapter(cfg)
-    method = method_class(cfg).load(run, cfg)
+    detector = run.load_detector(cfg)
     reference = run.load_reference()
-    if maps_dir is not None and not hasattr(method, "maps"):
+    if maps_dir is not None and not detector.localises:
         raise ConfigError(f"{cfg.method} runs give no voxel-level maps; --maps needs an msma or fanogan run")
     sources, failures = [], []
     for path in paths:
@@ -66,8 +65,8 @@ def score_scans(run_dir: str | Path, paths: Sequence[str | Path], cache_dir: str
     prepared = prepare_items(adapter, sources, cache_dir, console, "preprocess")
     if not prepared.items:
         return ScoreReport(results=[], failures=failures + prepared.failures)
-    scores = method.group_view(score_items(method, prepared.items, console=console, description="score"), None)
-    normative = method.group_view(reference_scores(reference), None)
+    scores = detector.group_view(score_items(detector, prepared.items, console=console, description="score"), None)
+    normative = detector.group_view(reference_scores(reference), None)
     thresholds = {name: threshold(values, reference["tpr"]) for name, values in normative.items()}
     primary = cfg.score.primary if cfg.score.primary in normative else next(iter(normative))
     results = []
@@ -86,6 +85,6 @@ def score_scans(run_dir: str | Path, paths: Sequence[str | Path], cache_dir: str
             used[name] = used.get(name, 0) + 1
             if used[name] > 1:  # same file name in another folder: keep both maps
                 name = f"{name.removesuffix('.nii.gz').removesuffix('.nii')}_{used[name]}"
-            files = save_anomaly_maps(Path(maps_dir), name, item.slices, method.maps(item.slices), spacing)
+            files = save_anomaly_maps(Path(maps_dir), name, item.slices, detector.maps(item.slices), spacing)
             map_files.extend(str(f) for f in files)
     return ScoreReport(results=results, failures=failures + prepared.failures, map_files=map_files)

@@ -12,13 +12,14 @@ from rich.markup import escape
 
 from neuro_ood.config import ExperimentConfig
 from neuro_ood.data.cohort import split_subjects
+from neuro_ood.detectors import build_detector
 from neuro_ood.errors import CohortError, RunError
+from neuro_ood.networks import NETWORK_SECTIONS
 from neuro_ood.preprocessing.presets import preprocessing_fingerprint
-from neuro_ood.runs import NETWORK_SECTIONS, RunDir
-from neuro_ood.pipelines.common import prepare_items, score_items
+from neuro_ood.pipelines.common import ConsoleProgress, prepare_items, score_items
 from neuro_ood.pipelines.datasets import dataset_adapter
-from neuro_ood.pipelines.registry import method_class
 from neuro_ood.pipelines.reference import build_reference
+from neuro_ood.pipelines.rundir import RunDir
 
 
 @dataclass
@@ -84,7 +85,7 @@ def train(cfg: ExperimentConfig, data_dir: str | Path, out: str | Path, cache_di
     started = time.perf_counter()
     console = console or Console(stderr=True)
     adapter = dataset_adapter(cfg)
-    method_cls = method_class(cfg)
+    detector = build_detector(cfg)
     run = RunDir(out)
     if resume:
         _check_resumable(run, cfg)
@@ -116,18 +117,23 @@ def train(cfg: ExperimentConfig, data_dir: str | Path, out: str | Path, cache_di
     if not train_items or not held_items:
         raise CohortError("no usable training or held-out inlier scan after preprocessing")
 
-    if getattr(method_cls, "needs_outlier_group", False):
+    if detector.needs_outliers:
         inlier_subjects = {s.subject for s in sources}
         outlier_items, seen_subjects = _outlier_group_items(adapter, cfg, all_sources, inlier_subjects,
                                                             prepared_train.items, cache_dir, console)
         run.save_split(sorted(train_set | seen_subjects), heldout_subjects)
         extra["outliers"] = np.concatenate([item.slices for item in outlier_items])
     images = np.concatenate([item.slices for item in train_items])
-    method = method_cls.train(cfg, run, images, console, resume, **extra)
-    held_scores = score_items(method, held_items, console=console, description="score held-out")
+    groups = np.concatenate([[item.subject] * len(item.slices) for item in train_items])
+    if resume and run.trained_steps():
+        console.print(f"resuming from step {run.trained_steps()}")
+    detector.meta["preprocessing_fingerprint"] = preprocessing_fingerprint(cfg.preprocessing)
+    with ConsoleProgress(console) as progress:
+        detector.fit(images, groups=groups, checkpoint_dir=run.path, resume=resume, progress=progress, **extra)
+    detector.save(run.path)
+    held_scores = score_items(detector, held_items, console=console, description="score held-out")
     run.save_reference(build_reference(held_scores, held_items, cfg.score.tpr))
-    state = run.load_train_state()
     return TrainSummary(run=run.path, method=cfg.method, n_train_items=len(train_items),
                         n_heldout_items=len(held_items), n_train_slices=len(images),
-                        steps=state.step if state else 0, final_loss=method.final_loss,
+                        steps=detector.train_state.step, final_loss=detector.final_loss,
                         failures=failures, seconds=time.perf_counter() - started)

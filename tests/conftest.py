@@ -24,8 +24,8 @@ TINY_OVERRIDES = [
     "training.batch_size=8",
     "training.checkpoint_every=6",
     "scorers.gmm={n_components: [1, 2], cv: 3, n_jobs: 1}",
-    "scorers.flow={epochs: 3, hidden_features: 16}",
-    "scorers.kdtree={n_neighbors: 3}",
+    "scorers.maf={epochs: 3, hidden_features: 16}",
+    "scorers.knn={n_neighbors: 3}",
 ]
 
 

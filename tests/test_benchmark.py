@@ -13,8 +13,8 @@ TINY = [
     "model.channels=[4, 8]", "model.strides=[2]",
     "model.n_scales=2", "model.steps_per_scale=2", "model.hidden=8",
     "training.steps=4", "training.batch_size=16", "training.warmup_steps=2", "training.checkpoint_every=2",
-    "scorers.gmm={n_components: [1, 2], cv: 3, n_jobs: 1}", "scorers.flow={epochs: 2, hidden_features: 16}",
-    "scorers.kdtree={n_neighbors: 3}", "resnet.depth=10", "resnet.widen=0.125", "resnet.head_hidden=8",
+    "scorers.gmm={n_components: [1, 2], cv: 3, n_jobs: 1}", "scorers.maf={epochs: 2, hidden_features: 16}",
+    "scorers.knn={n_neighbors: 3}", "resnet.depth=10", "resnet.widen=0.125", "resnet.head_hidden=8",
     "fanogan.width=4", "fanogan.latent_dim=8", "fanogan.encoder_steps=3",
 ]
 METRICS = {"auroc", "aupr_in", "aupr_out", "fpr_at_95_tpr", "detection_error", "fpr_at_80_tpr"}
@@ -34,8 +34,8 @@ def test_benchmark_writes_every_method_for_every_pair(bench):
     report = json.loads((root / "benchmark.json").read_text())
     assert set(report["pairs"]) == {"digits->constant", "digits->uniform"}
     for methods in report["pairs"].values():
-        assert set(methods) == {"msma_gmm", "msma_flow", "msma_kdtree", "glow_raw", "glow_last_scale",
-                                "glow_diff", "glow_diff_outlier_loss", "fanogan", "classifier_p_in"}
+        assert set(methods) == {"msma_gmm", "msma_maf", "msma_knn", "glow_raw", "glow_last_scale",
+                                "glow_diff", "glow_diff_outlier_loss", "fanogan", "resnet_p_in"}
         for values in methods.values():
             assert set(values) == METRICS and all(0 <= v <= 1 for v in values.values())
     assert set(report["bpd"]) == {"glow[digits]", "glow[photos]", "glow[digits]+outlier_loss"}
@@ -93,8 +93,8 @@ def test_benchmark_errors_are_one_line(tmp_path):
     result = invoke("benchmark", "--in", "cifar10", "--out", "svhn", "--data-root", tmp_path, "--run-dir", tmp_path)
     assert result.exit_code == 2 and result.stderr.startswith("error:") and "cifar" in result.stderr.lower()
     result = invoke("benchmark", "--model", "pixelcnn", "--run-dir", tmp_path)
-    assert result.exit_code == 2 and "msma, glow, fanogan, classifier or all" in result.stderr
-    result = invoke("benchmark", "--in", "digits", "--out", "constant", "--model", "classifier", "--run-dir", tmp_path)
+    assert result.exit_code == 2 and "msma, glow, fanogan, resnet or all" in result.stderr
+    result = invoke("benchmark", "--in", "digits", "--out", "constant", "--model", "resnet", "--run-dir", tmp_path)
     assert result.exit_code == 2 and "--general" in result.stderr
 
 

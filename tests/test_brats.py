@@ -56,10 +56,12 @@ def save(path, data, affine, flip_axes=()):
     nib.save(nib.Nifti1Image(data, affine).as_reoriented(ornt), path)
 
 
-def write_case(folder: Path, naming="2021", case="BraTS2021_00001", flip_axes=(), with_seg=True, images=None):
+def write_case(folder: Path, naming="2021", case="BraTS2021_00001", flip_axes=(), with_seg=True, images=None,
+               seg=None):
     folder.mkdir(parents=True, exist_ok=True)
-    default_images, seg, _, affine = phantom()
+    default_images, default_seg, _, affine = phantom()
     images = images or default_images
+    seg = default_seg if seg is None else seg
     for name, data in images.items():
         save(folder / (NAMES[naming][name].format(case=case) + ".nii.gz"), data, affine, flip_axes)
     if with_seg:
@@ -67,21 +69,23 @@ def write_case(folder: Path, naming="2021", case="BraTS2021_00001", flip_axes=()
     return folder
 
 
-def expected(cfg=CFG):
-    """Kept axial indices (native RAS z) and their tumour flags, from the phantom itself.
+def expected(cfg=CFG, seg=None):
+    """Kept axial indices (native RAS z), their tumour flags (at least ``min_tumour_voxels``) and
+    tumour voxel counts, from the phantom itself (``seg``: another segmentation on its grid).
 
     The crop box is the brain's bounding box plus one voxel (every brain voxel is foreground);
     the brain fraction is measured over the cropped slice area.
     """
-    _, seg, brain, _ = phantom()
+    _, phantom_seg, brain, _ = phantom()
+    seg = phantom_seg if seg is None else seg
     lo = [max(int(np.nonzero(brain.any(axis=tuple(a for a in range(3) if a != d)))[0].min()) - 1, 0) for d in range(3)]
     hi = [min(int(np.nonzero(brain.any(axis=tuple(a for a in range(3) if a != d)))[0].max()) + 2, SHAPE[d])
           for d in range(3)]
     area = (hi[0] - lo[0]) * (hi[1] - lo[1])
     fraction = brain.sum(axis=(0, 1)) / area
     kept = [z for z in range(lo[2], hi[2]) if fraction[z] >= cfg.min_brain_fraction]
-    tumour = np.array([(seg[..., z] > 0).sum() >= cfg.min_tumour_voxels for z in kept])
-    return kept, tumour
+    voxels = np.array([(seg[..., z] > 0).sum() for z in kept], dtype=np.int64)
+    return kept, voxels >= cfg.min_tumour_voxels, voxels
 
 
 # --- discovery ---------------------------------------------------------------------------------
@@ -137,12 +141,14 @@ def test_missing_modality_is_named(tmp_path):
 def test_shapes_range_and_exact_tumour_flags(tmp_path, thresholds):
     cfg = PreprocessingConfig(**{**CFG.__dict__, **thresholds})
     pre = BratsSlicePreprocessor(cfg)
-    slices, tumour = pre(find_brats_case(write_case(tmp_path / "c")))
-    kept, want_tumour = expected(cfg)
+    slices, voxels = pre(find_brats_case(write_case(tmp_path / "c")))
+    kept, want_tumour, want_voxels = expected(cfg)
+    tumour = voxels >= cfg.min_tumour_voxels
     if thresholds:  # the thresholds bite: fewer brain slices, the tumour's thin caps no longer count
         assert len(kept) < len(expected()[0]) and want_tumour.sum() < expected()[1].sum()
     assert slices.shape == (len(kept), 4, 44, 48) and slices.dtype == np.float32
-    assert tumour.dtype == bool and tumour.shape == (len(kept),)
+    assert voxels.dtype == np.int64 and voxels.shape == (len(kept),)
+    np.testing.assert_array_equal(voxels, want_voxels)
     assert 0 <= slices.min() and slices.max() <= 1
     assert np.isclose(slices.reshape(-1, 4, 44 * 48).max(axis=(0, 2)), 1).all()  # each channel reaches 1
     np.testing.assert_array_equal(tumour, want_tumour)
@@ -152,7 +158,8 @@ def test_shapes_range_and_exact_tumour_flags(tmp_path, thresholds):
 
 def test_channels_follow_config_order_and_t1_is_not_t1ce(tmp_path):
     case = find_brats_case(write_case(tmp_path / "c"))
-    slices, tumour = BratsSlicePreprocessor(CFG)(case)
+    slices, voxels = BratsSlicePreprocessor(CFG)(case)
+    tumour = voxels >= CFG.min_tumour_voxels
     order = ["flair", "t1ce", "t2", "t1"]
     reordered, _ = BratsSlicePreprocessor(PreprocessingConfig(**{**CFG.__dict__, "modalities": order}))(case)
     np.testing.assert_allclose(reordered, slices[:, [3, 1, 2, 0]], atol=1e-6)
@@ -197,16 +204,16 @@ def test_segmentation_stays_on_the_image_grid(tmp_path, spacing, min_dice):
 
 
 def test_case_without_seg_has_no_tumour_slices(tmp_path):
-    slices, tumour = BratsSlicePreprocessor(CFG)(find_brats_case(write_case(tmp_path / "c", with_seg=False)))
-    assert slices.shape[0] == len(expected()[0]) and tumour.shape == (slices.shape[0],) and not tumour.any()
+    slices, voxels = BratsSlicePreprocessor(CFG)(find_brats_case(write_case(tmp_path / "c", with_seg=False)))
+    assert slices.shape[0] == len(expected()[0]) and voxels.shape == (slices.shape[0],) and not voxels.any()
 
 
 def test_all_background_seg_is_valid(tmp_path):
     folder = write_case(tmp_path / "c", "2021", "X")
     _, _, _, affine = phantom()
     save(folder / "X_seg.nii.gz", np.zeros(SHAPE, np.uint8), affine)
-    _, tumour = BratsSlicePreprocessor(CFG)(find_brats_case(folder))
-    assert not tumour.any()
+    _, voxels = BratsSlicePreprocessor(CFG)(find_brats_case(folder))
+    assert not voxels.any()
 
 
 def test_mismatched_modality_shapes_raise_scan_error(tmp_path):
@@ -226,9 +233,9 @@ def test_config_is_checked():
 
 def test_n4_option_runs(tmp_path):
     cfg = PreprocessingConfig(**{**CFG.__dict__, "n4": True, "n4_iterations": [5, 5]})
-    slices, tumour = BratsSlicePreprocessor(cfg)(find_brats_case(write_case(tmp_path / "c")))
+    slices, voxels = BratsSlicePreprocessor(cfg)(find_brats_case(write_case(tmp_path / "c")))
     assert slices.shape == (len(expected()[0]), 4, 44, 48) and 0 <= slices.min() and slices.max() <= 1
-    np.testing.assert_array_equal(tumour, expected()[1])
+    np.testing.assert_array_equal(voxels, expected()[2])
 
 
 def test_real_brats_case():
@@ -237,8 +244,65 @@ def test_real_brats_case():
     cases = find_brats_cases(REAL_CASE)
     assert len(cases) == 1 and isinstance(cases[0], BratsCase) and cases[0].seg is not None
     cfg = PreprocessingConfig(preset="brats", spacing_mm=[2.0, 2.0, 2.0], slice_size=[120, 120])
-    slices, tumour = BratsSlicePreprocessor(cfg)(cases[0])
+    slices, voxels = BratsSlicePreprocessor(cfg)(cases[0])
+    tumour = voxels >= cfg.min_tumour_voxels
     assert slices.ndim == 4 and slices.shape[1:] == (4, 120, 120) and slices.dtype == np.float32
     assert 20 <= slices.shape[0] <= 78  # 155 mm at 2 mm is 78 slices; a brain spans well over 20
     assert 0 <= slices.min() and slices.max() <= 1
     assert tumour.shape == (slices.shape[0],) and tumour.any() and not tumour.all()
+
+
+# --- groups: a slice with any tumour voxel is never an inlier -----------------------------------
+
+def test_slice_with_a_few_tumour_voxels_is_never_an_inlier(tmp_path):
+    from neuro_ood.config import ExperimentConfig
+    from neuro_ood.pipelines.datasets import BratsTumourCohort
+
+    _, seg, _, _ = phantom()
+    seg = seg.copy()
+    seg[20:23, 19, 8] = 1  # 3 tumour voxels in slice z = 8, below min_tumour_voxels = 10
+    adapter = BratsTumourCohort(ExperimentConfig(dataset="brats", preprocessing=CFG))
+    source = adapter._source(find_brats_case(write_case(tmp_path / "c", seg=seg)))
+    arrays = adapter.preprocess(source)
+    kept, _, want_voxels = expected(seg=seg)
+    np.testing.assert_array_equal(arrays["tumour_voxels"], want_voxels)
+    assert arrays["tumour_voxels"][kept.index(8)] == 3
+    items = adapter.items(source, arrays)
+    groups = {z: item.group for z, item in zip(kept, items)}
+    assert groups[8] is None and not adapter.is_inlier(items[kept.index(8)])
+    for z, voxels in zip(kept, want_voxels):
+        if voxels == 0:
+            assert groups[z] == "no tumour" and adapter.is_inlier(items[kept.index(z)])
+        elif voxels >= CFG.min_tumour_voxels:
+            assert groups[z] == "tumour"
+    assert sum(g is None for g in groups.values()) == 1
+    # min_tumour_voxels only decides what counts as a tumour slice: at 3 the slice is evaluated.
+    low = PreprocessingConfig(**{**CFG.__dict__, "min_tumour_voxels": 3})
+    adapter = BratsTumourCohort(ExperimentConfig(dataset="brats", preprocessing=low))
+    assert adapter.items(source, arrays)[kept.index(8)].group == "tumour"
+
+
+def test_unsegmented_case_has_no_groups(tmp_path):
+    from neuro_ood.config import ExperimentConfig
+    from neuro_ood.pipelines.datasets import BratsTumourCohort
+
+    adapter = BratsTumourCohort(ExperimentConfig(dataset="brats", preprocessing=CFG))
+    source = adapter._source(find_brats_case(write_case(tmp_path / "c", with_seg=False)))
+    items = adapter.items(source, adapter.preprocess(source))
+    assert items and all(item.group is None for item in items)
+
+
+def test_brats_fingerprint_has_its_own_version():
+    """Preprocessed BraTS arrays changed (tumour flags -> voxel counts): old caches and runs are refused,
+    T1 fingerprints are untouched."""
+    import dataclasses
+    import hashlib
+    import json
+
+    def version_1(cfg):
+        payload = json.dumps({"version": 1, **dataclasses.asdict(cfg)}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    assert preprocessing_fingerprint(CFG) != version_1(CFG)
+    t1 = PreprocessingConfig()
+    assert preprocessing_fingerprint(t1) == version_1(t1)

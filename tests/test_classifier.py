@@ -2,10 +2,22 @@ import numpy as np
 import pytest
 import torch
 
-from neuro_ood.baselines.classifier import (SCORE_KEYS, build_resnet, classifier_scores, draw_batch_indices,
-                                            in_distribution_probability, msp_score, score_rule,
-                                            seen_outlier_score, train_classifier)
-from neuro_ood.training import TrainState
+from neuro_ood.backbones.resnet import build_resnet
+from neuro_ood.config import config_from_dict
+from neuro_ood.detectors import build_detector
+from neuro_ood.features import (SCORE_KEYS, classifier_scores, in_distribution_probability, msp_score, score_rule,
+                                seen_outlier_score)
+from neuro_ood.trainer import TrainState, optimization_manager, sample_rows, train_loop
+from neuro_ood.trainer.steps import classifier_step_fn
+
+
+def train_classifier(model, images, labels, until, batch_size=32, lr=1e-3, seed=0, state=None, **loop_kwargs):
+    """Adam on the cross-entropy with class-balanced batches on the one loop, as
+    :class:`~neuro_ood.detectors.ResNetDetector` trains."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    step = classifier_step_fn(model, optimizer, optimization_manager())
+    return train_loop(step, sample_rows({"x": images, "y": labels}, batch_size, labels=labels), {"model": optimizer},
+                      until, seed=seed, state=state, **loop_kwargs)
 
 
 def _squares(n_dark: int, n_bright: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,12 +74,16 @@ def test_score_rules_on_hand_made_logits():
 
 def test_balanced_batches_draw_both_classes():
     labels = torch.cat([torch.zeros(200), torch.ones(5)]).long()
+    rows = torch.arange(len(labels))
     g = torch.Generator().manual_seed(0)
-    drawn = torch.cat([labels[draw_batch_indices(labels, 32, g)] for _ in range(20)])
+    balanced = sample_rows({"row": rows, "y": labels}, 32, labels=labels)
+    batches = [balanced(g) for _ in range(20)]
+    drawn = torch.cat([b["y"] for b in batches])
     assert (drawn == 1).sum().item() == 20 * 16 and (drawn == 0).sum().item() == 20 * 16
-    batch = draw_batch_indices(labels, 33, g)
-    assert len(batch) == 33 and set(labels[batch].tolist()) == {0, 1}
-    plain = torch.cat([labels[draw_batch_indices(labels, 32, g, balance=False)] for _ in range(20)])
+    assert all(torch.equal(labels[b["row"]], b["y"]) for b in batches)     # images and labels stay paired
+    batch = sample_rows({"y": labels}, 33, labels=labels)(g)["y"]
+    assert len(batch) == 33 and set(batch.tolist()) == {0, 1}
+    plain = torch.cat([sample_rows({"y": labels}, 32)(g)["y"] for _ in range(20)])
     assert (plain == 1).float().mean() < 0.1
 
 
@@ -76,9 +92,9 @@ def test_training_separates_squares_and_p_in_ranks_inliers_first():
     torch.manual_seed(0)
     model = build_resnet(10, widen=0.125, head_hidden=32)
     losses = []
-    state = train_classifier(model, images, labels, steps=40, batch_size=16, lr=3e-3, seed=0,
+    state = train_classifier(model, images, labels, 40, batch_size=16, lr=3e-3, seed=0,
                              on_step=lambda step, loss: losses.append(loss))
-    assert state.step == 40 and len(losses) == 40 and not model.training
+    assert state.step == 40 and len(losses) == 40 and np.mean(losses[-10:]) < np.mean(losses[:10])
     test_images, test_labels = _squares(32, 32, seed=1)
     scores = classifier_scores(model, test_images, batch_size=20, seen_group=True)
     assert set(SCORE_KEYS) <= set(scores) and all(v.shape == (64,) for v in scores.values())
@@ -95,13 +111,23 @@ def test_resume_continues_the_step_count_and_checkpoints():
     torch.manual_seed(0)
     model = build_resnet(10, widen=0.125, head_hidden=16)
     checkpoints = []
-    state = train_classifier(model, images, labels, steps=3, batch_size=8,
+    state = train_classifier(model, images, labels, 3, batch_size=8,
                              on_checkpoint=lambda s: checkpoints.append(s.step), checkpoint_every=2)
-    assert state.step == 3 and checkpoints == [2, 3] and state.optimizer is not None
+    assert state.step == 3 and checkpoints == [2, 3] and state.optimizers["model"]["state"]
     steps = []
-    state = train_classifier(model, images, labels, steps=5, batch_size=8, state=state,
+    state = train_classifier(model, images, labels, 5, batch_size=8, state=state,
                              on_step=lambda step, loss: steps.append(step))
     assert state.step == 5 and steps == [4, 5]
-    assert train_classifier(model, images, labels, steps=5, state=TrainState(step=5)).step == 5
-    with pytest.raises(ValueError, match="two classes"):
-        train_classifier(model, images, torch.zeros(len(images)), steps=1)
+    assert train_classifier(model, images, labels, 5, state=TrainState(step=5)).step == 5
+
+
+def test_the_detector_refuses_to_train_without_an_outlier_class():
+    # The classifier needs a second class: ResNetDetector.fit builds the labels itself (inliers 0,
+    # outliers 1) and refuses to train on inliers alone.
+    cfg = config_from_dict({"method": "resnet", "resnet": {"depth": 10, "widen": 0.125, "head_hidden": 8},
+                            "training": {"steps": 1, "batch_size": 4, "device": "cpu"}})
+    images = _squares(4, 0)[0].numpy()
+    with pytest.raises(ValueError, match="outlier images"):
+        build_detector(cfg).fit(images)
+    with pytest.raises(ValueError, match="outlier images"):
+        build_detector(cfg).fit(images, outliers=images[:0])

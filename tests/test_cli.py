@@ -2,6 +2,8 @@
 
 import json
 
+import numpy as np
+
 import pytest
 
 from tests.conftest import TINY_OVERRIDES, invoke, set_args
@@ -24,7 +26,7 @@ def test_train_writes_a_complete_run(trained_run):
     split = json.loads((trained_run / "split.json").read_text())
     assert not set(split["train"]) & set(split["heldout"])
     reference = json.loads((trained_run / "reference.json").read_text())
-    assert set(reference["scorers"]) == {"gmm", "flow", "kdtree"}
+    assert set(reference["scorers"]) == {"gmm", "maf", "knn"}
     assert len(reference["scorers"]["gmm"]["scores"]) == len(split["heldout"]) == len(reference["items"])
 
 
@@ -36,10 +38,34 @@ def test_evaluate_by_age_writes_metrics_json(trained_run, tiny_cohort):
     assert set(metrics["groups"]) == {"1", "6"}
     for group in metrics["groups"].values():
         assert group["n"] == 4
-        assert set(group["scorers"]) == {"gmm", "flow", "kdtree"}
+        assert set(group["scorers"]) == {"gmm", "maf", "knn"}
         for values in group["scorers"].values():
             for key in ("auroc", "aupr_in", "aupr_out", "fpr_at_95_tpr", "detection_error"):
                 assert 0.0 <= values[key] <= 1.0
+    # direction: 1-year-olds score clearly below the held-out inliers with every scorer
+    assert all(values["auroc"] > 0.9 for values in metrics["groups"]["1"]["scorers"].values())
+
+
+def test_trained_score_network_depends_on_sigma(trained_run, tiny_cohort):
+    """σ·s_θ(x̃, σ) at σ_max and σ_min on one noisy input differ: the network uses its σ input
+    (a network blind to σ would give the same σ·s at every level, and flat score-norm vectors)."""
+    import torch
+
+    from neuro_ood.detectors import load_detector
+    from neuro_ood.pipelines.common import prepare_items
+    from neuro_ood.pipelines.datasets import dataset_adapter
+    from neuro_ood.pipelines.rundir import RunDir
+
+    detector = load_detector(trained_run)
+    adapter = dataset_adapter(RunDir(trained_run).load_config())
+    items = prepare_items(adapter, adapter.sources(tiny_cohort)[:2]).items
+    x = torch.from_numpy(np.concatenate([item.slices for item in items]))
+    noisy = x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    sigmas = detector.sigmas
+    with torch.no_grad():
+        high = detector.network(noisy, sigmas[:1].expand(len(x))) * sigmas[0]
+        low = detector.network(noisy, sigmas[-1:].expand(len(x))) * sigmas[-1]
+    assert ((high - low).norm() / high.norm()).item() > 0.1
 
 
 def test_score_json_gives_scores_percentiles_and_flags(trained_run, tiny_cohort):
@@ -49,7 +75,7 @@ def test_score_json_gives_scores_percentiles_and_flags(trained_run, tiny_cohort)
     payload = json.loads(result.stdout)
     assert len(payload["scans"]) == 2 and payload["failed"] == []
     for entry in payload["scans"]:
-        assert set(entry["scores"]) == {"gmm", "flow", "kdtree"}
+        assert set(entry["scores"]) == {"gmm", "maf", "knn"}
         assert all(0 <= p <= 100 for p in entry["percentiles"].values())
         assert isinstance(entry["flagged"], bool)
 

@@ -6,10 +6,14 @@ import torch
 from torch import nn
 
 from neuro_ood.backbones.glow import Glow, GlowOutput
-from neuro_ood.features import NONFINITE_LOGLIK, glow_anomaly_scores, glow_log_likelihoods
-from neuro_ood.losses import (center_bins, dequantize, glow_nll_bits, margin_outlier_loss, outlier_loss,
-                              to_glow_input)
-from neuro_ood.training import GlowTrainState, TrainState, _augment, glow_bits_per_dim, train_glow
+from neuro_ood.backbones.glow_inputs import center_bins, dequantize, to_glow_input
+from neuro_ood.config import config_from_dict
+from neuro_ood.detectors import GlowDetector
+from neuro_ood.errors import ConfigError
+from neuro_ood.features import NONFINITE_LOGLIK, glow_anomaly_scores, glow_bits_per_dim, glow_log_likelihoods
+from neuro_ood.losses import glow_nll_bits, margin_outlier_loss, outlier_loss
+from neuro_ood.trainer import TrainState, merge_samplers, optimization_manager, sample_rows, train_loop
+from neuro_ood.trainer.steps import augment_images, glow_step_fn
 
 
 def _tiny_glow(seed: int = 0) -> Glow:
@@ -29,6 +33,35 @@ def _waves(n: int, seed: int) -> torch.Tensor:
 def _noise(n: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return 0.5 + 0.35 * (torch.rand(n, 1, 8, 8, generator=g) - 0.5)
+
+
+def init_actnorm(model: nn.Module, images01: torch.Tensor) -> None:
+    """ActNorm data-dependent initialisation of a fresh ``model`` on ``images01`` in [0, 1], as
+    :class:`GlowDetector` does before training (:meth:`GlowDetector._init_actnorm`)."""
+    detector = GlowDetector(config_from_dict({"method": "glow", "training": {"device": "cpu", "seed": 0}}), "cpu")
+    detector.network = model
+    detector._init_actnorm(to_glow_input(torch.as_tensor(images01, dtype=torch.float32)))
+
+
+def train_glow(model: nn.Module, images01: torch.Tensor, until: int, *, batch_size: int = 64, lr: float = 5e-4,
+               seed: int = 0, state: TrainState | None = None, warmup_steps: int = 0,
+               outliers01: torch.Tensor | None = None, outlier_loss_kind: str = "ratio",
+               general_model: nn.Module | None = None, on_step=None, on_checkpoint=None,
+               checkpoint_every: int = 1000) -> TrainState:
+    """The S4.1 recipe on the one loop, as :meth:`GlowDetector.fit` runs it: ActNorm init of a fresh
+    model, Adamax with weight decay, :func:`glow_step_fn` (translations, flips, dequantisation and,
+    with ``outliers01``, the outlier loss) on batches from :func:`sample_rows`, up to step ``until``."""
+    init_actnorm(model, images01)
+    sample = sample_rows({"x": to_glow_input(images01)}, batch_size)
+    if outliers01 is not None:
+        sample = merge_samplers(sample, sample_rows({"outliers": to_glow_input(outliers01)}, batch_size))
+    optimizer = torch.optim.Adamax(model.parameters(), lr=lr, weight_decay=5e-5)
+    step = glow_step_fn(model, optimizer, optimization_manager(),
+                        outlier_loss_kind=outlier_loss_kind if outliers01 is not None else None,
+                        general_model=general_model)
+    return train_loop(step, sample, {"model": optimizer}, until, seed=seed, state=state,
+                      warmup_steps=warmup_steps, on_step=on_step, on_checkpoint=on_checkpoint,
+                      checkpoint_every=checkpoint_every)
 
 
 class _MinusInfOnBright(nn.Module):
@@ -116,7 +149,7 @@ def test_margin_loss_hand_example():
 def test_glow_log_likelihoods_are_noise_free_per_scale_and_replace_nonfinite():
     model = _tiny_glow()
     images = torch.cat([_waves(5, 0) * 0.2, _waves(5, 1)])  # 5 dark (mean 0.1), 5 bright (mean 0.5)
-    train_glow(model, images, 0)
+    init_actnorm(model, images)
     loglik = glow_log_likelihoods(model, images, batch_size=4)
     assert loglik.shape == (10, 2) and loglik.dtype == np.float64
     with torch.no_grad():
@@ -142,36 +175,40 @@ def test_glow_anomaly_scores():
 def test_augment_translates_with_reflection_and_flips():
     x = torch.arange(64.0).view(1, 1, 8, 8).repeat(16, 1, 1, 1)
     g = torch.Generator().manual_seed(0)
-    flipped = _augment(x, g, ("flip",), 2)
+    flipped = augment_images(x, g, ("flip",), 2)
     assert all(torch.equal(f, x[0]) or torch.equal(f, x[0].flip(-1)) for f in flipped)
     assert any(torch.equal(f, x[0].flip(-1)) for f in flipped)
-    shifted = _augment(x, g, ("translate",), 2)
+    shifted = augment_images(x, g, ("translate",), 2)
     assert shifted.shape == x.shape and set(shifted.unique().tolist()) <= set(range(64))
     assert any(not torch.equal(s, x[0]) for s in shifted)
-    with pytest.raises(ValueError):
-        _augment(x, g, ("rotate",), 2)
+    assert torch.equal(augment_images(x, g, (), 2), x)
+    # Unknown augmentations are refused when the config is read, before any training.
+    with pytest.raises(ConfigError, match="augment"):
+        config_from_dict({"method": "glow", "training": {"augment": ["rotate"]}})
 
 
 def test_train_glow_lowers_bits_per_dim_and_resumes():
     images = _waves(256, 0)
     model = _tiny_glow()
-    state = train_glow(model, images, 0, seed=1)
+    init_actnorm(model, images)
     before = glow_bits_per_dim(model, images, generator=torch.Generator().manual_seed(0))
     steps = []
-    state = train_glow(model, images, 20, lr=2e-3, seed=1, state=state, on_step=lambda s, l: steps.append(s))
+    state = train_glow(model, images, 20, lr=2e-3, seed=1, on_step=lambda s, l: steps.append(s))
+    assert state.step == 20 and state.optimizers["model"]["state"]
     checkpoints = []
-    state = train_glow(model, images, 30, lr=2e-3, seed=1, state=TrainState(state.step, state.optimizer),
+    # A fresh state holding only the step and the optimiser states resumes where the run stopped.
+    state = train_glow(model, images, 30, lr=2e-3, seed=1, state=TrainState(state.step, dict(state.optimizers)),
                        on_step=lambda s, l: steps.append(s), on_checkpoint=lambda st: checkpoints.append(st.step),
                        checkpoint_every=5)
     after = glow_bits_per_dim(model, images, generator=torch.Generator().manual_seed(0))
-    assert isinstance(state, GlowTrainState) and state.step == 30 and state.skipped == 0
+    assert state.step == 30 and state.counters.get("skipped", 0) == 0
     assert steps == list(range(1, 31)) and checkpoints == [25, 30]
     assert after < before - 0.3
 
 
 def test_warmup_scales_the_learning_rate():
     state = train_glow(_tiny_glow(), _waves(32, 0), 2, batch_size=8, lr=1e-3, warmup_steps=10)
-    assert state.optimizer["param_groups"][0]["lr"] == pytest.approx(2e-4)
+    assert state.optimizers["model"]["param_groups"][0]["lr"] == pytest.approx(2e-4)
 
 
 def test_outlier_loss_training_widens_the_inlier_outlier_gap():
@@ -184,32 +221,34 @@ def test_outlier_loss_training_widens_the_inlier_outlier_gap():
     plain = _tiny_glow()
     train_glow(plain, inliers, 30, lr=2e-3)
     general = _tiny_glow(1)
-    train_glow(general, torch.cat([inliers, outliers]), 0)
-    with pytest.raises(ValueError):
+    init_actnorm(general, torch.cat([inliers, outliers]))
+    with pytest.raises(ValueError, match="general_model"):
         train_glow(_tiny_glow(), inliers, 1, outliers01=outliers)
+    with pytest.raises(ValueError, match="outlier_loss_kind"):
+        train_glow(_tiny_glow(), inliers, 1, outliers01=outliers, outlier_loss_kind="hinge")
     ratio = _tiny_glow()
     state = train_glow(ratio, inliers, 30, lr=2e-3, outliers01=outliers, general_model=general)
     margin = _tiny_glow()
     train_glow(margin, inliers, 30, lr=2e-3, outliers01=outliers, outlier_loss_kind="margin")
-    assert state.skipped == 0
+    assert state.counters.get("skipped", 0) == 0
     assert gap(ratio) > gap(plain) and gap(margin) > gap(plain)
 
 
 def test_outlier_batches_are_skipped_when_mostly_nonfinite():
     inliers = _waves(64, 0) * 0.2
     general = _tiny_glow(1)
-    train_glow(general, inliers, 0)
+    init_actnorm(general, inliers)
 
     model = _MinusInfOnBright(_tiny_glow())
-    train_glow(model, inliers, 0)
+    init_actnorm(model, inliers)
     initial = [p.detach().clone() for p in model.parameters()]
     state = train_glow(model, inliers, 4, batch_size=8, outliers01=_waves(64, 1), general_model=general)
-    assert state.skipped == 4
+    assert state.step == 4 and state.counters["skipped"] == 4
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), initial))
 
     half_bright = torch.cat([_waves(32, 2) * 0.2, _waves(32, 3)])
     state = train_glow(model, inliers, 8, batch_size=16, outliers01=half_bright, general_model=general,
                        state=state)
-    assert state.step == 8 and state.skipped < 8
+    assert state.step == 8 and state.counters["skipped"] < 8
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), initial))

@@ -10,8 +10,8 @@ from neuro_ood.backbones.glow import ActNorm, Glow, GlowOutput
 from neuro_ood.backbones.glow_variants import (DenseFlowStep, FixedOrthogonalProjection,
                                                FullyConnectedGlow, LocalPatchGlow, build_glow_variant)
 from neuro_ood.features import glow_log_likelihoods
-from neuro_ood.training import train_glow
 from tests.test_glow import _perturb_zero_layers
+from tests.test_glow_training import train_glow
 
 
 def _local(dtype=torch.float64, patch=4, learned_prior=False) -> LocalPatchGlow:
@@ -183,7 +183,7 @@ def test_build_glow_variant():
 
 
 @pytest.mark.parametrize("variant", ["local", "fc"])
-def test_variants_train_with_train_glow_and_give_per_scale_features(variant):
+def test_variants_train_with_the_glow_step_and_give_per_scale_features(variant):
     torch.manual_seed(0)
     model = build_glow_variant(variant, in_channels=1, image_size=(8, 8), n_scales=2, steps_per_scale=2,
                                hidden=16, lu=True, learned_prior=False, patch=4)
@@ -192,8 +192,8 @@ def test_variants_train_with_train_glow_and_give_per_scale_features(variant):
     images = _waves(24, 8)
     before = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
     losses = []
-    state = train_glow(model, images, steps=5, batch_size=8, lr=1e-3, on_step=lambda s, l: losses.append(l))
-    assert state.step == 5 and state.skipped == 0
+    state = train_glow(model, images, 5, batch_size=8, lr=1e-3, on_step=lambda s, l: losses.append(l))
+    assert state.step == 5 and state.counters.get("skipped", 0) == 0
     assert all(bool(m.initialized) for m in model.modules() if isinstance(m, ActNorm))
     assert len(losses) == 5 and all(math.isfinite(v) for v in losses)
     assert not torch.equal(before, torch.nn.utils.parameters_to_vector(model.parameters()))

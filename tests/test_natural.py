@@ -9,10 +9,12 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from neuro_ood.data.natural import (
-    BUILTIN, DatasetError, ImageSet, fit_size, load_dataset, read_cifar, read_image_folder,
-    read_mnist, read_svhn, split_train_test, to_grayscale, to_rgb,
+from neuro_ood.data import image_builtins
+from neuro_ood.data.image_builtins import BUILTIN, _crop_positions, _matplotlib_textures, _sklearn_photos
+from neuro_ood.data.image_readers import (
+    DatasetError, ImageSet, read_cifar, read_image_folder, read_mnist, read_svhn, to_grayscale, to_rgb,
 )
+from neuro_ood.data.image_sets import fit_images, load_dataset, split_train_test
 from neuro_ood.errors import CohortError
 
 MNIST_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
@@ -191,20 +193,90 @@ def test_channel_conversions():
     assert rgb.shape == (1, 3, 1, 2) and np.array_equal(rgb[:, 2], g[:, 0])
 
 
-def test_fit_size():
+def test_fit_images():
     x = np.arange(2 * 1 * 4 * 4, dtype=np.float32).reshape(2, 1, 4, 4) / 32
-    padded = fit_size(x, (8, 6), "pad")
+    padded = fit_images(x, (8, 6), "pad")
     assert padded.shape == (2, 1, 8, 6)
     np.testing.assert_array_equal(padded[:, :, 2:6, 1:5], x)
     assert padded.sum() == pytest.approx(x.sum())
-    cropped = fit_size(x, (2, 2), "pad")
+    cropped = fit_images(x, (2, 2), "pad")
     np.testing.assert_array_equal(cropped, x[:, :, 1:3, 1:3])
-    mixed = fit_size(x, (2, 6), "pad")
+    mixed = fit_images(x, (2, 6), "pad")
     np.testing.assert_array_equal(mixed[:, :, :, 1:5], x[:, :, 1:3])
-    up = fit_size(x, (8, 8), "resize")
-    down = fit_size(np.ones((1, 3, 32, 32), np.float32) * 0.3, (7, 9), "resize")
+    # odd amounts (MONAI's convention): an odd pad puts the extra zero after the image; cutting 4
+    # rows to 3 starts at 4 // 2 - 3 // 2 = 1, dropping the extra row before the kept part
+    odd = fit_images(x, (3, 7), "pad")
+    np.testing.assert_array_equal(odd[:, :, :, 1:5], x[:, :, 1:4])
+    assert not odd[..., 0].any() and not odd[..., 5:].any()
+    channels = np.stack([x[:, 0], 1 - x[:, 0], 0.5 * x[:, 0]], axis=1)  # N and C folded together
+    np.testing.assert_array_equal(fit_images(channels, (3, 7), "pad")[:, 1, :, 1:5], 1 - x[:, 0, 1:4])
+    up = fit_images(x, (8, 8), "resize")
+    down = fit_images(np.ones((1, 3, 32, 32), np.float32) * 0.3, (7, 9), "resize")
     assert up.shape == (2, 1, 8, 8) and up.dtype == np.float32 and 0 <= up.min() and up.max() <= 1
-    assert down.shape == (1, 3, 7, 9) and np.allclose(down, 0.3, atol=1e-6)
+    assert down.shape == (1, 3, 7, 9) and np.allclose(down, 0.3, atol=1e-6)  # no dark border
+    assert fit_images(x[:0], (8, 8), "resize").shape == (0, 1, 8, 8)
+    with pytest.raises(ValueError, match="unknown fit mode"):
+        fit_images(x, (8, 8), "stretch")
+
+
+def test_split_train_test_is_seeded_disjoint_and_sorted():
+    s = ImageSet("s", np.arange(20, dtype=np.float32).reshape(20, 1, 1, 1), np.arange(20))
+    train, test = split_train_test(s, 0.25, seed=3)
+    assert len(train) == 15 and len(test) == 5
+    assert not set(train.labels) & set(test.labels) and set(train.labels) | set(test.labels) == set(range(20))
+    assert list(test.labels) == sorted(test.labels)
+    np.testing.assert_array_equal(test.images[:, 0, 0, 0], test.labels)
+    np.testing.assert_array_equal(split_train_test(s, 0.25, seed=3)[1].labels, test.labels)
+    assert not np.array_equal(split_train_test(s, 0.25, seed=4)[1].labels, test.labels)
+    with pytest.raises(ValueError, match="empty split"):
+        split_train_test(s, 0.01)
+
+
+def _position_coded(shape):
+    """An (H, W, 3) uint8 photo whose pixels spell their own (y, x): r = x % 256, g = y % 256,
+    b = 16 * (x // 256) + y // 256."""
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
+    return np.stack([xx % 256, yy % 256, 16 * (xx // 256) + yy // 256], axis=-1).astype(np.uint8)
+
+
+def test_china_train_and_test_crops_never_overlap(monkeypatch):
+    shape = _sklearn_photos("china")[0].shape
+    monkeypatch.setattr(image_builtins, "_sklearn_photos", lambda *names: [_position_coded(shape) for _ in names])
+    corners = {}
+    for split in ("train", "test"):
+        crops = np.rint(load_dataset("china", split=split, n=2000, size=(32, 32)).images * 255).astype(int)
+        x = crops[:, 0] + 256 * (crops[:, 2] // 16)
+        y = crops[:, 1] + 256 * (crops[:, 2] % 16)
+        # every crop is a 32x32 window of the photo at (y[0, 0], x[0, 0])
+        assert (x == x[:, :1, :1] + np.arange(32)[None, None, :]).all()
+        assert (y == y[:, :1, :1] + np.arange(32)[None, :, None]).all()
+        corners[split] = y[:, 0, 0], x[:, 0, 0]
+        assert len(set(zip(*corners[split]))) > 500  # still spread over the photo
+    (ty, tx), (sy, sx) = corners["train"], corners["test"]
+    overlap = (np.clip(32 - np.abs(sy[:, None] - ty[None]), 0, None)
+               * np.clip(32 - np.abs(sx[:, None] - tx[None]), 0, None))
+    assert overlap.max() == 0, (f"{np.mean(overlap.max(axis=1) > 0):.1%} of test crops overlap a train crop, "
+                                f"{np.mean(overlap.max(axis=1) >= 512):.1%} by half or more")
+
+
+@pytest.mark.parametrize("name, load", [
+    ("photos", lambda: _sklearn_photos("china", "flower")), ("china", lambda: _sklearn_photos("china")),
+    ("flower", lambda: _sklearn_photos("flower")), ("textures", _matplotlib_textures)])
+@pytest.mark.parametrize("size", [(32, 32), (16, 24)])
+def test_photo_crop_builtins_use_disjoint_pixels(name, load, size):
+    shapes = [p.shape[:2] for p in load()]
+    used = {}
+    for split in ("train", "test"):
+        which, ys, xs = _crop_positions(shapes, 1000, size, seed=0, split=split, name=name)
+        used[split] = [np.zeros(s, bool) for s in shapes]
+        for k, y, x in zip(which, ys, xs):
+            assert y + size[0] <= shapes[k][0] and x + size[1] <= shapes[k][1]
+            used[split][k][y:y + size[0], x:x + size[1]] = True
+    for k in range(len(shapes)):
+        assert used["train"][k].any() and used["test"][k].any()
+        assert not (used["train"][k] & used["test"][k]).any()
+    whole = _crop_positions(shapes, 1000, size, seed=0, split="all", name=name)
+    assert max(whole[2] + size[1]) > min(whole[2]) + shapes[0][1] // 2  # other splits: the whole photo
 
 
 @pytest.mark.parametrize("name", sorted(BUILTIN))

@@ -5,7 +5,16 @@ import torch
 from neuro_ood.backbones.ncsn import NoiseConditionalScoreNet, geometric_sigmas
 from neuro_ood.features import score_norms
 from neuro_ood.losses import dsm_loss
-from neuro_ood.training import train_score_network
+from neuro_ood.trainer import optimization_manager, sample_rows, train_loop
+from neuro_ood.trainer.steps import dsm_step_fn
+
+
+def train_score_network(net, images, sigmas, until, batch_size=16, lr=1e-3, state=None, on_step=None):
+    """Adam on the DSM loss on the one loop, as :class:`~neuro_ood.detectors.MSMADetector` trains."""
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+    step = dsm_step_fn(net, optimizer, sigmas, optimization_manager())
+    return train_loop(step, sample_rows({"x": images}, batch_size), {"model": optimizer}, until, seed=2019,
+                      state=state, on_step=on_step)
 
 
 def test_geometric_sigmas_match_the_paper():
@@ -70,9 +79,10 @@ def test_training_lowers_the_loss_and_resumes():
     sigmas = geometric_sigmas(1.0, 0.01, 10)
     net = NoiseConditionalScoreNet(channels=(8, 16), strides=(2,))
     losses = []
-    state = train_score_network(net, images, sigmas, steps=60, batch_size=16, lr=3e-3,
+    state = train_score_network(net, images, sigmas, 60, batch_size=16, lr=3e-3,
                                 on_step=lambda step, loss: losses.append(loss))
     assert state.step == 60 and np.mean(losses[-10:]) < np.mean(losses[:10])
-    resumed = train_score_network(net, images, sigmas, steps=70, batch_size=16, state=state,
+    assert state.counters.get("skipped", 0) == 0 and state.optimizers["model"]["state"]
+    resumed = train_score_network(net, images, sigmas, 70, batch_size=16, state=state,
                                   on_step=lambda step, loss: losses.append(step))
     assert resumed.step == 70 and losses[-10:] == list(range(61, 71))

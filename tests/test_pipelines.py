@@ -35,6 +35,8 @@ def test_glow_run_evaluates_by_age_with_raw_and_last_scale(glow_run, tiny_cohort
     for group in metrics["groups"].values():
         assert set(group["scorers"]) == {"raw", "last_scale"}
         assert all(0 <= v <= 1 for m in group["scorers"].values() for v in m.values())
+    # direction: the 1-year-olds' likelihood lies clearly below the held-out inliers'
+    assert metrics["groups"]["1"]["scorers"]["raw"]["auroc"] > 0.9
 
 
 def test_glow_likelihood_ratio_against_a_general_run(glow_run, tiny_cohort, tmp_path):

@@ -11,8 +11,8 @@ from neuro_ood.scorers import (SCORERS, AuxiliaryScorer, GMMScorer, KNNScorer, M
                                build_scorer, load_scorers, save_scorers)
 
 FAST = {"gmm": {"n_components": (1, 2, 4), "cv": 3},
-        "flow": {"epochs": 50},
-        "kdtree": {}}
+        "maf": {"epochs": 50},
+        "knn": {}}
 NAMES = sorted(SCORERS)
 
 
@@ -32,10 +32,14 @@ def fitted(request):
 
 
 def test_registry():
-    assert SCORERS == {"gmm": GMMScorer, "flow": MAFScorer, "kdtree": KNNScorer}
-    assert isinstance(build_scorer("kdtree", n_neighbors=3), AuxiliaryScorer)
-    with pytest.raises(NeuroOODError, match="flow, gmm, kdtree"):
+    assert SCORERS == {"gmm": GMMScorer, "maf": MAFScorer, "knn": KNNScorer}
+    assert isinstance(build_scorer("knn", n_neighbors=3), AuxiliaryScorer)
+    with pytest.raises(NeuroOODError, match="gmm, knn, maf"):
         build_scorer("svm")
+    # The old names are gone: "flow" was easily read as Glow, "kdtree" named the index.
+    for old in ("flow", "kdtree"):
+        with pytest.raises(NeuroOODError, match="valid names"):
+            build_scorer(old)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -131,8 +135,8 @@ def test_knn_too_few_samples():
 
 
 def test_made_has_two_hidden_layers_of_128(fitted):
-    flow = fitted[0]["flow"].flow_
-    L = fitted[0]["flow"].n_features_in_
+    flow = fitted[0]["maf"].flow_
+    L = fitted[0]["maf"].n_features_in_
     transforms = list(flow._transform._transforms)
     assert [type(t) for t in transforms] == [MaskedAffineAutoregressiveTransform,
                                              ReversePermutation] * 5
@@ -143,8 +147,71 @@ def test_made_has_two_hidden_layers_of_128(fitted):
         assert not made.use_residual_blocks
 
 
-def test_flow_is_deterministic():
+def test_maf_is_deterministic():
     X = blob(4, n_fit=64)[0]
     a = MAFScorer(epochs=3, hidden_features=16).fit(X).score_samples(X)
     b = MAFScorer(epochs=3, hidden_features=16).fit(X).score_samples(X)
     np.testing.assert_array_equal(a, b)
+
+
+def slices_of_scans(n_groups=40, per_group=3, seed=0):
+    """Per-slice vectors: each scan (group) gives ``per_group`` near-identical rows."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_groups, 2))
+    X = np.repeat(centres, per_group, axis=0) + rng.normal(scale=1e-3, size=(per_group * n_groups, 2))
+    return X, np.repeat(np.arange(n_groups), per_group)
+
+
+def leaks(splitter, X, groups):
+    """Number of folds whose test rows share a group with their training rows."""
+    grouped = {"groups": groups} if "Group" in type(splitter).__name__ else {}
+    return sum(bool(set(groups[train]) & set(groups[test]))
+               for train, test in splitter.split(X, **grouped))
+
+
+def test_gmm_cv_with_groups_never_splits_a_subject():
+    X, groups = slices_of_scans()
+    grid = (1, 2, 4, 8, 16, 32)
+    grouped = GMMScorer(n_components=grid, cv=5, n_jobs=1).fit(X, groups=groups)
+    assert grouped.cv_results_["splitter"] == "GroupKFold" and grouped.cv_results_["n_splits"] == 5
+    folds = list(grouped.cv_splitter_.split(X, groups=groups))
+    assert len(folds) == 5 and leaks(grouped.cv_splitter_, X, groups) == 0
+    assert sorted(np.concatenate([test for _, test in folds]).tolist()) == list(range(len(X)))
+    # Without groups a scan's near-duplicate slices sit on both sides of the split, which rewards
+    # one tiny component per scan; held-out scans reveal that as overfitting.
+    plain = GMMScorer(n_components=grid, cv=5, n_jobs=1).fit(X)
+    assert plain.cv_results_["splitter"] == "KFold" and leaks(plain.cv_splitter_, X, groups) == 5
+    assert plain.n_components_ >= 16
+    assert grouped.n_components_ <= 2
+    # The grouped fit is recorded with the scorer and survives a save / load.
+    _, meta = grouped.get_state()
+    assert meta["cv_results_"]["splitter"] == "GroupKFold"
+
+
+def test_gmm_group_folds_cap_splits_and_candidates():
+    # 4 groups (one of 6 rows, three of 1): cv=10 -> 4 folds; the fold testing the big group
+    # trains on 3 rows, so candidates above 3 are dropped (row-count KFold logic would allow 6).
+    X = np.random.default_rng(4).normal(size=(9, 2))
+    groups = np.array(["a"] * 6 + ["b", "c", "d"])
+    gmm = GMMScorer(n_components=(2, 3, 4, 6), cv=10, n_jobs=1).fit(X, groups=groups)
+    assert gmm.cv_results_["n_splits"] == 4
+    assert gmm.cv_results_["n_components"] == [2, 3]
+    assert np.all(np.isfinite(gmm.score_samples(X)))
+
+
+def test_gmm_groups_are_checked():
+    X = np.random.default_rng(5).normal(size=(6, 2))
+    with pytest.raises(ValueError, match="shape"):
+        GMMScorer().fit(X, groups=np.arange(5))
+    with pytest.raises(ValueError, match="2 distinct groups"):
+        GMMScorer().fit(X, groups=np.zeros(6))
+    with pytest.raises(ValueError, match="training folds of >= 2"):
+        GMMScorer(cv=2).fit(X, groups=[0, 0, 0, 0, 0, 1])
+
+
+@pytest.mark.parametrize("cls, params", [(KNNScorer, {"n_neighbors": 3}),
+                                         (MAFScorer, {"epochs": 2, "hidden_features": 8})])
+def test_every_scorer_accepts_groups(cls, params):
+    X, groups = slices_of_scans(n_groups=10)
+    with_groups = cls(**params).fit(X, groups=groups).score_samples(X)
+    np.testing.assert_array_equal(with_groups, cls(**params).fit(X).score_samples(X))

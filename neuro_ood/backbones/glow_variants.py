@@ -138,8 +138,8 @@ class DenseActNorm(ActNorm):
 
     ``x (B, D)``. Data-dependent initialisation on the first forward call: zero mean and unit
     variance per feature over that batch (with a batch of one example only the mean is set). A
-    subclass of :class:`ActNorm`, so :func:`neuro_ood.training.train_glow` initialises it on its
-    initialisation batch.
+    subclass of :class:`ActNorm`, so :class:`~neuro_ood.detectors.glow.GlowDetector` initialises it on
+    its initialisation batch.
     """
 
     def __init__(self, features: int, eps: float = 1e-6):
@@ -363,7 +363,7 @@ def build_glow_variant(variant: str, in_channels: int, image_size: int | tuple[i
     All three map ``x (B, C, H, W)`` to a :class:`GlowOutput` (``latents``, ``log_prior``,
     ``logdet``, ``log_likelihood`` of shape ``(B, model.n_scales)``, ``.log_px``), have ``inverse``
     and ``n_scales`` and contain :class:`ActNorm` layers for data-dependent initialisation, so they
-    train with :func:`neuro_ood.training.train_glow` and are scored with
+    train with :func:`neuro_ood.trainer.steps.glow_step_fn` and are scored with
     :func:`neuro_ood.features.glow_log_likelihoods` unchanged. S2's point: likelihoods are dominated
     by local low-level statistics — the local-patch Glow reaches likelihood rankings similar to the
     full Glow's.

@@ -7,7 +7,8 @@ to scores of the same shape as the images. Two conditioning schemes, chosen by `
 - ``diffusion_unet``: MONAI ``DiffusionModelUNet`` with σ as its sinusoidal time embedding.
 
 Both divide the raw output by σ (Song & Ermon 2020), so that σ·s_θ — the quantity the loss and
-the score norms use — is O(1) at every level.
+the score norms use — is O(1) at every level. The network carries its L noise levels as the
+``sigmas`` buffer, so they travel with its weights and are read back from a checkpoint.
 """
 
 from __future__ import annotations
@@ -31,15 +32,18 @@ class NoiseConditionalScoreNet(nn.Module):
 
     Inputs whose spatial sizes are not multiples of the network's total stride are padded
     (replicate) and the output cropped back, so 90×110 slices or odd volumes need no resizing.
+    ``sigmas`` (buffer, ``(L,)``): the noise levels it is trained and scored at, geometric from
+    ``sigma_max`` to ``sigma_min``.
     """
 
     def __init__(self, spatial_dims: int = 2, in_channels: int = 1, backbone: str = "unet",
                  channels: Sequence[int] = (32, 64, 128, 256), strides: Sequence[int] = (2, 2, 2),
-                 num_res_units: int = 1, sigma_min: float = 0.01, sigma_max: float = 1.0):
+                 num_res_units: int = 1, sigma_min: float = 0.01, sigma_max: float = 1.0, num_sigmas: int = 10):
         super().__init__()
         self.spatial_dims = spatial_dims
         self.backbone = backbone
         self.log_sigma_range = (math.log(sigma_min), math.log(sigma_max))
+        self.register_buffer("sigmas", geometric_sigmas(sigma_max, sigma_min, num_sigmas))
         if backbone == "unet":
             self.net = UNet(spatial_dims=spatial_dims, in_channels=in_channels + 1, out_channels=in_channels,
                             channels=tuple(channels), strides=tuple(strides), num_res_units=num_res_units,
@@ -54,6 +58,11 @@ class NoiseConditionalScoreNet(nn.Module):
             self.multiple = 2 ** (len(channels) - 1)
         else:
             raise ValueError(f"unknown score-network backbone {backbone!r}; use 'unet' or 'diffusion_unet'")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before the levels travelled with the weights keep the constructed ones.
+        state_dict.setdefault(prefix + "sigmas", self.sigmas)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _condition(self, sigma: torch.Tensor) -> torch.Tensor:
         """log σ mapped to [0, 1] over the trained range (0 at σ_min, 1 at σ_max)."""

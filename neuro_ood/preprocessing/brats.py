@@ -1,4 +1,4 @@
-"""The ``brats`` preset: a BraTS case in, a stack of 4-channel axial slices and tumour flags out.
+"""The ``brats`` preset: a BraTS case in, a stack of 4-channel axial slices and tumour voxel counts out.
 
 The four modalities are stacked as channels ``(C, X, Y, Z)`` and the segmentation rides along as a
 second key through one MONAI dictionary pipeline that mirrors :func:`volume_transforms` step for
@@ -7,8 +7,13 @@ neighbour, on the same grid) -> optional N4 (image) -> one foreground box comput
 cropped from both -> channel-wise percentile scaling to [0, 1] (image). Every axial slice whose
 brain fraction reaches ``min_brain_fraction`` is kept and fitted to ``slice_size``.
 
-Tumour-free slices are the inliers used for training; slices with tumour (at least
-``min_tumour_voxels`` segmentation voxels with a label > 0) are the outliers used for evaluation.
+Each slice comes with its number of tumour voxels (segmentation label > 0, at ``spacing_mm``), and
+:func:`tumour_group` turns that count into the slice's group: slices with NO tumour voxel are the
+inliers (trained on, reference, evaluated as ``no tumour``); slices with at least
+``min_tumour_voxels`` are the outliers evaluated as ``tumour``; slices with 1 to
+``min_tumour_voxels - 1`` tumour voxels get no group: they hold tumour, so they are never inliers,
+but too little to count as a tumour slice, so they are neither trained on, nor in the reference,
+nor evaluated.
 """
 
 from __future__ import annotations
@@ -27,6 +32,15 @@ from neuro_ood.preprocessing.presets import preprocessing_fingerprint, slice_fit
 from neuro_ood.preprocessing.transforms import N4BiasFieldCorrection, RelativeThreshold
 
 IMAGE, SEG = "image", "seg"
+NO_TUMOUR, TUMOUR = "no tumour", "tumour"
+
+
+def tumour_group(tumour_voxels: int, min_tumour_voxels: int) -> str | None:
+    """A slice's group from its tumour voxel count: ``"no tumour"`` for 0, ``"tumour"`` for at least
+    ``min_tumour_voxels``, ``None`` (excluded everywhere) for anything in between."""
+    if tumour_voxels <= 0:
+        return NO_TUMOUR
+    return TUMOUR if tumour_voxels >= min_tumour_voxels else None
 
 
 def brats_volume_transforms(cfg: PreprocessingConfig) -> Compose:
@@ -73,13 +87,16 @@ def load_segmentation(path, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndar
 
 
 class BratsSlicePreprocessor:
-    """A :class:`BratsCase` -> (slices float32 ``(N, C, H, W)`` in [0, 1], tumour bool ``(N,)``).
+    """A :class:`BratsCase` -> (slices float32 ``(N, C, H, W)`` in [0, 1], tumour voxels int64 ``(N,)``).
 
     ``C = len(cfg.modalities)`` channels in that order, each scaled to [0, 1] on its own;
     ``(H, W) = slice_size``. ``N`` is the number of axial (RAS Z) slices, inferior to superior, whose
     brain fraction (voxels with any channel > 0, over the cropped slice's area) is at least
-    ``min_brain_fraction``. ``tumour[i]``: slice ``i`` holds at least ``min_tumour_voxels``
-    segmentation voxels (at ``spacing_mm``) with a label > 0; all False for a case without segmentation.
+    ``min_brain_fraction``. ``tumour_voxels[i]``: the number of segmentation voxels (at
+    ``spacing_mm``) with a label > 0 in slice ``i``; all 0 for a case without segmentation (whose
+    slices the dataset adapter leaves ungrouped). A count, not a flag: any tumour voxel keeps a
+    slice out of the inliers, while ``min_tumour_voxels`` only decides whether it is evaluated as a
+    tumour slice (:func:`tumour_group`).
     """
 
     def __init__(self, cfg: PreprocessingConfig):
@@ -131,11 +148,11 @@ class BratsSlicePreprocessor:
             raise ScanError(case.case_id, f"no axial slice has a brain fraction ≥ {self.cfg.min_brain_fraction} "
                                           f"(largest {float(brain.max()):.3f})")
         if SEG in out:
-            tumour_voxels = (torch.as_tensor(out[SEG])[0] > 0).sum(dim=(0, 1))  # (Z,)
-            tumour = (tumour_voxels[keep] >= self.cfg.min_tumour_voxels).numpy()
+            per_slice = (torch.as_tensor(out[SEG])[0] > 0).sum(dim=(0, 1))    # (Z,)
+            tumour_voxels = per_slice[keep].numpy().astype(np.int64)
         else:
-            tumour = np.zeros(len(keep), dtype=bool)
+            tumour_voxels = np.zeros(len(keep), dtype=np.int64)
         slices = image[..., keep].permute(3, 0, 1, 2)                        # (N, C, X, Y)
         fitted = self.fit(slices.flatten(0, 1))  # slices as channels: same geometry for all
         fitted = torch.as_tensor(fitted).reshape(len(keep), image.shape[0], *self.cfg.slice_size)
-        return fitted.numpy().astype(np.float32), tumour.astype(bool)
+        return fitted.numpy().astype(np.float32), tumour_voxels

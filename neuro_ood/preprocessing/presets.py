@@ -23,13 +23,18 @@ from neuro_ood.data.nifti import load_volume
 from neuro_ood.errors import ConfigError, ScanError
 from neuro_ood.preprocessing.transforms import AxialSlices, N4BiasFieldCorrection, RelativeThreshold
 
-# Bump when a preset's code changes its output, so that old checkpoints and caches are refused.
+# Bump a preset's version when its code changes its output, so that old checkpoints and caches are
+# refused. Per preset, so that a change to one does not invalidate the other's runs.
+# brats 2: per-slice tumour voxel counts instead of tumour flags (slices with 1..min_tumour_voxels-1
+# tumour voxels used to be tumour-free inliers).
 PREPROCESSING_VERSION = 1
+PRESET_VERSIONS = {"t1": 1, "brats": 2}
 
 
 def preprocessing_fingerprint(cfg: PreprocessingConfig) -> str:
-    """Short hash of everything that shapes the preprocessed tensors (config + code version)."""
-    payload = json.dumps({"version": PREPROCESSING_VERSION, **dataclasses.asdict(cfg)}, sort_keys=True)
+    """Short hash of everything that shapes the preprocessed tensors (config + the preset's code version)."""
+    version = PRESET_VERSIONS.get(cfg.preset, PREPROCESSING_VERSION)
+    payload = json.dumps({"version": version, **dataclasses.asdict(cfg)}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

@@ -1,7 +1,8 @@
 """Auxiliary scorers fitted on inlier score-norm vectors, and their pickle-free persistence.
 
-Every scorer follows :class:`~neuro_ood.scorers.base.AuxiliaryScorer`: ``fit(X)`` on
-``(N, L)`` inlier vectors, ``score_samples(X)`` returns ``(N,)`` with higher = more typical.
+Every scorer follows :class:`~neuro_ood.scorers.base.AuxiliaryScorer`: ``fit(X, groups=None)`` on
+``(N, L)`` inlier vectors (``groups``: each row's subject, for grouped cross-validation),
+``score_samples(X)`` returns ``(N,)`` with higher = more typical.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from safetensors import SafetensorError
 from neuro_ood.errors import ConfigError, NeuroOODError, RunError
 from neuro_ood.io import load_arrays, read_json, save_arrays, write_json
 from neuro_ood.scorers.base import AuxiliaryScorer
-from neuro_ood.scorers.flow import MAFScorer
 from neuro_ood.scorers.gmm import GMMScorer
 from neuro_ood.scorers.knn import KNNScorer
+from neuro_ood.scorers.maf import MAFScorer
 
-SCORERS: dict[str, type[AuxiliaryScorer]] = {"gmm": GMMScorer, "flow": MAFScorer, "kdtree": KNNScorer}
+# Registry names: ``maf`` is a masked autoregressive flow (nflows), not Glow; ``knn`` is the k-NN
+# distance (queried through a KD-tree). Saved runs are restored by class name, not by these names.
+SCORERS: dict[str, type[AuxiliaryScorer]] = {"gmm": GMMScorer, "maf": MAFScorer, "knn": KNNScorer}
 ARRAYS_FILE = "scorers.safetensors"
 META_FILE = "scorers.json"
 
@@ -27,7 +30,7 @@ __all__ = ["SCORERS", "AuxiliaryScorer", "GMMScorer", "KNNScorer", "MAFScorer",
 
 
 def build_scorer(name: str, **params) -> AuxiliaryScorer:
-    """An unfitted scorer by registry name (``"gmm"``, ``"flow"``, ``"kdtree"``)."""
+    """An unfitted scorer by registry name (``"gmm"``, ``"maf"``, ``"knn"``)."""
     try:
         cls = SCORERS[name]
     except KeyError:

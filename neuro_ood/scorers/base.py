@@ -4,7 +4,9 @@ An auxiliary scorer is fitted on the score-norm vectors of inlier images and the
 typical a new vector is. It is a scikit-learn estimator:
 
 * the constructor only stores its parameters (so :func:`sklearn.base.clone` works);
-* ``fit(X)`` learns from ``X`` of shape ``(N, L)`` and returns ``self``;
+* ``fit(X, y=None, groups=None)`` learns from ``X`` of shape ``(N, L)`` and returns ``self``;
+  ``groups`` (optional, shape ``(N,)``) names the subject of each row, for scorers whose fit
+  cross-validates (rows of one subject must not straddle folds); the others ignore it;
 * everything learned ends in ``_``;
 * ``score_samples(X)`` returns shape ``(N,)``, one float per row, HIGHER = MORE TYPICAL
   (more inlier-like).
@@ -32,7 +34,7 @@ class AuxiliaryScorer(BaseEstimator):
     :meth:`from_state`.
     """
 
-    def fit(self, X, y=None) -> "AuxiliaryScorer":
+    def fit(self, X, y=None, groups=None) -> "AuxiliaryScorer":
         """Learn from inlier vectors.
 
         Parameters
@@ -40,6 +42,12 @@ class AuxiliaryScorer(BaseEstimator):
         X : array-like of shape (N, L)
             Inlier score-norm vectors.
         y : ignored
+        groups : array-like of shape (N,), optional
+            The group (subject / scan) of each row. MSMA fits on per-slice vectors, several
+            per scan; a scorer that cross-validates internally (:class:`GMMScorer`) keeps all
+            rows of a group in the same fold, so that near-duplicate slices of one scan never
+            sit on both sides of a split. Scorers that do not cross-validate accept and ignore
+            it, so every scorer can be fitted the same way.
 
         Returns
         -------

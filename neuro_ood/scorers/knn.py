@@ -30,7 +30,8 @@ class KNNScorer(AuxiliaryScorer):
     def __init__(self, n_neighbors: int = 5):
         self.n_neighbors = n_neighbors
 
-    def fit(self, X, y=None) -> "KNNScorer":
+    def fit(self, X, y=None, groups=None) -> "KNNScorer":
+        """Index the standardised rows; ``y`` and ``groups`` are ignored."""
         X = self._check_X(X, reset=True)
         if not 1 <= self.n_neighbors <= X.shape[0]:
             raise ValueError(

@@ -84,7 +84,8 @@ class MAFScorer(AuxiliaryScorer):
     def _build(self) -> Flow:
         return build_maf(self.n_features_in_, self.hidden_features, self.num_layers)
 
-    def fit(self, X, y=None) -> "MAFScorer":
+    def fit(self, X, y=None, groups=None) -> "MAFScorer":
+        """Train the flow on the standardised rows; ``y`` and ``groups`` are ignored."""
         X = self._check_X(X, reset=True)
         self.scaler_ = StandardScaler().fit(X)
         data = torch.as_tensor(self.scaler_.transform(X), dtype=torch.float32)

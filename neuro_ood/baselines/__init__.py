@@ -1,1 +1,0 @@
-"""Supervised baselines for the unsupervised detectors: a ResNet classifier (Hendrycks & Gimpel 2017)."""
