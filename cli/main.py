@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 from functools import wraps
 from pathlib import Path
 from typing import List, Optional
@@ -58,7 +59,8 @@ def _train(method: str | None, dataset: str | None, data_dir: Path, out: Path, c
     unit = "scans" if cfg.dataset == "abcd" else "slices"
     out_console.print(f"{summary.method} run saved to [bold]{summary.run}[/]: {summary.n_train_items} training "
                       f"{unit} ({summary.n_train_slices} slices), {summary.n_heldout_items} held out, "
-                      f"{summary.steps} steps, loss {summary.final_loss:.3g}, {summary.seconds:.0f} s")
+                      + (f"{summary.steps} steps, loss {summary.final_loss:.3g}, " if summary.steps else
+                         "no network (features and scorers only), ") + f"{summary.seconds:.0f} s")
     if summary.failures:
         out_console.print(f"[yellow]{len(summary.failures)} input(s) skipped[/] (listed above)")
 
@@ -79,7 +81,8 @@ def train(
     dataset: Optional[str] = DatasetOption,
     data_dir: Path = DataDirOption,
     out: Path = OutOption,
-    model: Optional[str] = typer.Option(None, "--model", help="msma (default) or glow."),
+    model: Optional[str] = typer.Option(None, "--model", help="msma (default), glow, or a baseline: fanogan, "
+                                                             "resnet, simple."),
     config: Optional[str] = ConfigOption,
     overrides: List[str] = SetOption,
     resume: bool = ResumeOption,
@@ -89,7 +92,7 @@ def train(
     _train(model, dataset, data_dir, out, config, overrides, resume, cache_dir)
 
 
-baseline_app = typer.Typer(no_args_is_help=True, help="Train the f-AnoGAN and ResNet-classifier baselines.")
+baseline_app = typer.Typer(no_args_is_help=True, help="Train the f-AnoGAN, ResNet-classifier and simple baselines.")
 app.add_typer(baseline_app, name="baseline")
 
 
@@ -126,6 +129,21 @@ def baseline_resnet(
            resume, cache_dir)
 
 
+@baseline_app.command("simple")
+@handles_errors
+def baseline_simple(
+    dataset: Optional[str] = DatasetOption,
+    data_dir: Path = DataDirOption,
+    out: Path = OutOption,
+    config: Optional[str] = ConfigOption,
+    overrides: List[str] = SetOption,
+    resume: bool = ResumeOption,
+    cache_dir: Optional[Path] = CacheOption,
+):
+    """Hand-crafted intensity and morphometric features with the auxiliary scorers (GMM, k-NN); no network."""
+    _train("simple", dataset, data_dir, out, config, overrides, resume, cache_dir)
+
+
 @app.command()
 @handles_errors
 def score(
@@ -153,6 +171,54 @@ def score(
         err_console.print(f"[bold red]error:[/] {escape(f'{path}: {reason}')}", highlight=False, soft_wrap=True)
     if report.failures:
         raise typer.Exit(1 if report.results else 2)
+
+
+@app.command()
+@handles_errors
+def report(
+    cohort: List[Path] = typer.Argument(..., help="BIDS folder, CSV/TSV table of scans, or scan files "
+                                                  "(BraTS runs: a folder of cases or case folders)."),
+    runs: List[Path] = typer.Option(..., "--run", help="Run directory; repeat for several runs side by side."),
+    out: Path = typer.Option(..., "--out", help="Folder for report.html, report.json, scores.csv and maps/ "
+                                                "(run again to resume)."),
+    workers: int = typer.Option(1, "--workers", help="Processes preprocessing scans in parallel."),
+    maps: str = typer.Option("flagged", "--maps", help="Anomaly maps as NIfTI (MSMA, f-AnoGAN): flagged, all "
+                                                       "or none."),
+    sample: int = typer.Option(12, "--sample", help="Unflagged scans shown as thumbnails besides the flagged."),
+    show: List[str] = typer.Option([], "--show", help="Also show this scan's thumbnail (glob or part of its "
+                                                      "relative path); repeatable."),
+    skip_trained: bool = typer.Option(False, "--skip-trained", help="Leave out the subjects a run trained on."),
+    cache_dir: Optional[Path] = CacheOption,
+):
+    """Score a cohort with one or more runs into a report: report.html, scores.csv, report.json, maps."""
+    import signal
+
+    from neuro_ood.pipelines.report import report as run_report
+
+    def stop(signum, frame):  # a kill (SIGTERM) stops like Ctrl-C: temporary files removed, one line
+        raise KeyboardInterrupt
+
+    if workers < 1:
+        fail(f"--workers {workers}: needs at least 1")
+    if sample < 0:
+        fail(f"--sample {sample}: needs 0 or more")
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, stop) if main_thread else None
+    try:
+        summary = run_report(cohort, runs, out, cache_dir=cache_dir, console=err_console, workers=workers, maps=maps,
+                             sample=sample, show=show, skip_trained=skip_trained)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+    for failure in summary.failures:
+        err_console.print(f"[bold red]error:[/] {escape(failure['path'] + ': ' + failure['reason'])}",
+                          highlight=False, soft_wrap=True)
+    counts = ", ".join(f"{label}: {c['scored']} scored, {c['reused']} reused" for label, c in summary.runs.items())
+    out_console.print(f"{summary.n_scans} {summary.unit}s reported ({summary.n_flagged} flagged, {len(summary.failures)} "
+                      f"failed; {counts}) in {summary.seconds:.0f} s: [bold]{escape(str(summary.html))}[/]",
+                      highlight=False, soft_wrap=True)
+    if summary.failures:
+        raise typer.Exit(1 if summary.n_scans else 2)
 
 
 @app.command()
@@ -206,11 +272,13 @@ def synth(
 def quickstart(
     out: Path = typer.Option(Path("quickstart"), "--out", help="Folder for the cohort, run(s) and cache."),
     config: str = typer.Option("msma_quick", "--config", "-c", help="YAML config file or shipped name."),
-    overrides: List[str] = typer.Option([], "--set", help="Override a key of the MSMA config."),
+    overrides: List[str] = typer.Option([], "--set", help="Override a key of the MSMA config (data.* and "
+                                                          "preprocessing.* keys: of the baselines' too)."),
     with_baselines: bool = typer.Option(False, "--with-baselines",
                                         help="Also train f-AnoGAN and the ResNet classifier; compare side by side."),
 ):
-    """Synthesise a cohort, train MSMA at CPU size, evaluate by age, print the tables."""
+    """Synthesise a cohort, train MSMA at CPU size and the simple baseline, evaluate by age side by side, print
+    the table, write a report."""
     from neuro_ood.pipelines.quickstart import quickstart as run_quickstart
     from neuro_ood.report import comparison_table, metrics_tables
 
@@ -220,6 +288,8 @@ def quickstart(
     for table in tables:
         out_console.print(table)
     out_console.print(f"done in {metrics['seconds'] / 60:.1f} min; runs and metrics.json in {out}")
+    out_console.print(f"report of the held-out and outlier scans: [bold]{escape(metrics['report'])}[/]",
+                      highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -230,8 +300,8 @@ def benchmark(
     out_sets: List[str] = typer.Option([], "--out", help="Out-of-distribution set(s): cifar10, cifar100, svhn, "
                                                           "mnist, fashion-mnist, folder:P, mix:a+b, or a built-in."),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder holding the downloaded sets."),
-    model: str = typer.Option("all", "--model", help="msma, glow, fanogan, resnet (the S9 classifier, needs --general) "
-                                                     "or all."),
+    model: str = typer.Option("all", "--model", help="msma, glow, fanogan, resnet (the S9 classifier, needs --general), "
+                                                     "simple or all."),
     general: Optional[str] = typer.Option(None, "--general", help="General-domain set for the likelihood ratio "
                                                                   "and the outlier loss."),
     configs: List[str] = typer.Option([], "--config", "-c", help="Config per method (default: *_bench_quick)."),

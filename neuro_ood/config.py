@@ -45,6 +45,11 @@ class PreprocessingConfig:
     (keeps head size, an age cue); ``resize`` interpolates the cropped brain to ``slice_size``.
     BraTS: ``modalities`` stacked as channels; a slice with no tumour voxel is an inlier, one with at
     least ``min_tumour_voxels`` is evaluated as ``tumour``, one with fewer (but some) is left out.
+    T1 across sites: ``registration: mni152`` registers each scan affinely to nilearn's MNI152
+    template and applies the template's brain mask (whole-head and skull-stripped files alike);
+    a registration whose quality is below ``min_registration_quality`` fails that scan;
+    ``standardise: white_matter`` (needs registration) scales intensities by the white-matter
+    median instead of the ``intensity_percentiles``.
     """
 
     preset: str = "t1"
@@ -60,6 +65,9 @@ class PreprocessingConfig:
     modalities: list[str] = field(default_factory=lambda: ["t1", "t1ce", "t2", "flair"])
     min_tumour_voxels: int = 10
     min_brain_fraction: float = 0.05
+    registration: str = "none"
+    min_registration_quality: float = 0.35
+    standardise: str = "percentile"
 
 
 @dataclass
@@ -177,7 +185,7 @@ def _default_scorers() -> dict[str, dict[str, Any]]:
 @dataclass
 class ExperimentConfig:
     """``method``: ``msma`` (score network + auxiliary scorers), ``glow`` (per-scale likelihoods), or
-    the baselines ``fanogan`` and ``resnet``."""
+    the baselines ``fanogan``, ``resnet`` and ``simple`` (hand-crafted features + auxiliary scorers)."""
 
     name: str = "msma"
     method: str = "msma"
@@ -259,7 +267,7 @@ def _checked(value: Any, annotation: str, where: str) -> Any:
 
 # The valid values of every enum-like field, checked at load (one ConfigError line instead of a
 # traceback deep in the code). tests/test_config.py checks these against the code that uses them.
-METHODS = ("msma", "glow", "fanogan", "resnet")
+METHODS = ("msma", "glow", "fanogan", "resnet", "simple")
 DATASETS = ("abcd", "brats", "natural")
 PRESETS = ("t1", "brats")
 SLICE_FITS = ("pad", "resize")
@@ -274,6 +282,8 @@ AUGMENTATIONS = ("translate", "flip")
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 IMAGE_FITS = ("resize", "pad")
+REGISTRATIONS = ("none", "mni152")
+STANDARDISATIONS = ("percentile", "white_matter")
 IMAGE_CHANNELS = (None, 1, 3)
 RESNET_DEPTHS = (10, 18, 34, 50)
 #: Registry names of neuro_ood.scorers.SCORERS (not imported here: the scorers pull in torch).
@@ -297,6 +307,16 @@ def _check_choices(cfg: "ExperimentConfig", problems: list[str]) -> None:
     p, m, t, i = cfg.preprocessing, cfg.model, cfg.training, cfg.images
     _one_of(problems, "preprocessing.preset", p.preset, PRESETS)
     _one_of(problems, "preprocessing.slice_fit", p.slice_fit, SLICE_FITS)
+    _one_of(problems, "preprocessing.registration", p.registration, REGISTRATIONS)
+    _one_of(problems, "preprocessing.standardise", p.standardise, STANDARDISATIONS)
+    if p.standardise == "white_matter" and p.registration == "none":
+        problems.append("preprocessing.standardise: white_matter needs preprocessing.registration: mni152 "
+                        "(the white-matter map is the template's)")
+    if p.registration != "none" and (len(set(p.spacing_mm)) != 1 or not float(p.spacing_mm[0]).is_integer()):
+        problems.append(f"preprocessing.registration needs an isotropic spacing in whole mm (the template's grid), "
+                        f"got spacing_mm {p.spacing_mm}")
+    if p.registration != "none" and p.preset != "t1":
+        problems.append(f"preprocessing.registration is for the t1 preset, not {p.preset!r}")
     if cfg.data.age_unit.lower() not in AGE_UNITS + _AGE_UNIT_ALIASES:
         problems.append(f"data.age_unit must be one of {', '.join(AGE_UNITS)}, got {cfg.data.age_unit!r}")
     bad = [v for v in p.modalities if v not in MODALITIES]
@@ -313,8 +333,8 @@ def _check_choices(cfg: "ExperimentConfig", problems: list[str]) -> None:
     _one_of(problems, "images.fit", i.fit, IMAGE_FITS)
     _one_of(problems, "images.channels", i.channels, IMAGE_CHANNELS)
     _one_of(problems, "resnet.depth", cfg.resnet.depth, RESNET_DEPTHS)
-    if cfg.method == "msma" and cfg.score.primary not in cfg.scorers:
-        problems.append(f"score.primary must be one of the msma scorers ({', '.join(sorted(cfg.scorers))}), "
+    if cfg.method in ("msma", "simple") and cfg.score.primary not in cfg.scorers:
+        problems.append(f"score.primary must be one of the {cfg.method} scorers ({', '.join(sorted(cfg.scorers))}), "
                         f"got {cfg.score.primary!r}")
 
 
@@ -361,6 +381,13 @@ def _check_ranges(cfg: "ExperimentConfig") -> None:
         problems.append(f"data.inlier_ages must be [low, high] in years, got {cfg.data.inlier_ages}")
     if cfg.training.steps < 0 or cfg.training.batch_size < 1 or cfg.training.checkpoint_every < 1:
         problems.append("training.steps must be ≥ 0, training.batch_size and training.checkpoint_every ≥ 1")
+    t = cfg.training
+    if t.warmup_steps < 0:
+        problems.append(f"training.warmup_steps must be ≥ 0, got {t.warmup_steps}")
+    if t.grad_clip is not None and t.grad_clip <= 0:
+        problems.append(f"training.grad_clip must be a positive gradient norm or null, got {t.grad_clip}")
+    if t.ema_decay is not None and not 0 < t.ema_decay < 1:
+        problems.append(f"training.ema_decay must be in (0, 1) or null, got {t.ema_decay}")
     for name, params in cfg.scorers.items():
         if not isinstance(params, dict):
             problems.append(f"scorers.{name} must be a mapping of its parameters ({{}} for the defaults), "

@@ -46,7 +46,8 @@ def metrics_tables(metrics: dict[str, Any]) -> list[Table]:
 
 
 def scores_table(results: Iterable[Any]) -> Table:
-    """A row per scan: each scorer's score with its percentile among held-out inliers, and the flag."""
+    """A row per scan: each scorer's score with its percentile among held-out inliers, the flag and,
+    where the run has a site model, the domain-shift signal (is the scan unlike the training site?)."""
     results = list(results)
     table = Table(title="neuro-ood scores", caption="score (percentile among held-out inliers); "
                   "low = atypical; the flag is the primary scorer's 95%-TPR threshold")
@@ -55,10 +56,18 @@ def scores_table(results: Iterable[Any]) -> Table:
     for name in scorers:
         table.add_column(name, justify="right", no_wrap=True)
     table.add_column("flag", no_wrap=True)
+    with_site = any(getattr(r, "site", None) for r in results)
+    if with_site:
+        table.add_column("site (percentile)", justify="right", no_wrap=True)
     for result in results:
         cells = [escape(Path(result.path).name)]  # the full path is in --json
         cells += [f"{result.scores[n]:.2f} ({result.percentiles[n]:.0f}%)" for n in scorers]
         cells.append(f"[bold red]ATYPICAL[/] ({result.primary})" if result.flagged else "typical")
+        if with_site:
+            site = result.site
+            cells.append("—" if site is None else
+                         f"[bold yellow]UNLIKE TRAINING SITE[/] ({site['site_percentile']:.0f}%)" if site["site_shift"]
+                         else f"like training ({site['site_percentile']:.0f}%)")
         table.add_row(*cells)
     return table
 
@@ -115,12 +124,12 @@ def comparison_table(metrics: dict[str, Any], metric: str = "auroc") -> Table:
 
 
 def save_anomaly_maps(out_dir: Path, name: str, slices: np.ndarray, maps: np.ndarray,
-                      spacing_mm: Sequence[float] = (1.0, 1.0)) -> list[Path]:
-    """Write one item's voxel-level anomaly map as NIfTI and as a PNG montage.
+                      spacing_mm: Sequence[float] = (1.0, 1.0), png: bool = True) -> list[Path]:
+    """Write one item's voxel-level anomaly map as NIfTI and (with ``png``) as a PNG montage.
 
     ``slices`` ``(S, C, H, W)`` and ``maps`` ``(S, H, W)`` (higher = more anomalous); the NIfTI holds
     the maps as an ``(H, W, S)`` volume with in-plane voxel size ``spacing_mm``; the PNG shows each
-    slice (first channel) beside its map. Returns the two paths.
+    slice (first channel) beside its map. Returns the paths written.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in name).removesuffix(".nii.gz")
@@ -129,6 +138,8 @@ def save_anomaly_maps(out_dir: Path, name: str, slices: np.ndarray, maps: np.nda
     nifti_path = out_dir / f"{stem}_anomaly_map.nii.gz"
     with atomic_write(nifti_path) as tmp:
         tmp.write_bytes(gzip.compress(nib.Nifti1Image(volume, affine).to_bytes()))
+    if not png:
+        return [nifti_path]
     fig, axes = plt.subplots(2, len(maps), figsize=(2.2 * len(maps), 4.4), squeeze=False)
     top = float(np.percentile(maps, 99.5)) or 1.0
     for index, (image, heat) in enumerate(zip(slices, maps)):

@@ -6,6 +6,8 @@ every metric per pair and method:
 
 - ``msma_gmm``, ``msma_maf``, ``msma_knn``: MSMA with each auxiliary scorer;
 - ``fanogan``: f-AnoGAN's residual score (negated: higher = more typical);
+- ``simple_gmm``, ``simple_knn``: the simple baseline (hand-crafted intensity and shape features of
+  each image, :mod:`neuro_ood.simple_features`) with each auxiliary scorer;
 - ``glow_raw``: the Glow's log-likelihood; ``glow_last_scale``: its coarsest-scale contribution;
 - with a general-domain set: ``glow_diff`` (log-likelihood ratio against a Glow trained on the general
   set), ``glow_diff_outlier_loss`` (the same after fine-tuning the in-distribution Glow with the
@@ -44,7 +46,7 @@ from neuro_ood.pipelines.rundir import RunDir
 
 DEFAULT_BENCHMARK = {"in": "china", "out": ["flower", "constant", "digits", "gaussian"], "general": "textures"}
 DEFAULT_CONFIGS = {"msma": "msma_bench_quick", "glow": "glow_bench_quick", "fanogan": "fanogan_bench_quick",
-                   "resnet": "resnet_bench_quick"}
+                   "resnet": "resnet_bench_quick", "simple": "simple_bench_quick"}
 
 
 @dataclass
@@ -106,7 +108,8 @@ def _fitted(run: RunDir, cfg: ExperimentConfig, images: np.ndarray, console: Con
     steps and holds ``needs``; else a detector of ``cfg`` trained on ``images`` and saved there."""
     steps = cfg.training.steps if steps is None else steps
     device = resolve_device(cfg.training.device)
-    if run.trained_steps() >= steps and run.file(needs).is_file() and run.file("train_state.pt").is_file():
+    trained = run.file("train_state.pt").is_file() or not detector_class(cfg.method).has_network
+    if run.trained_steps() >= steps and run.file(needs).is_file() and trained:
         detector = detector_class(cfg.method).load(run.path, device)
     else:
         detector = GlowDetector(cfg, device, general=general) if cfg.method == "glow" else build_detector(cfg, device)
@@ -130,11 +133,11 @@ def benchmark(in_spec: str | None = None, out_specs: Sequence[str] = (), data_ro
     if not out_specs:
         raise ConfigError("give at least one --out dataset")
     if model == "all":
-        methods = ["msma", "glow", "fanogan"] + (["resnet"] if general_spec else [])
+        methods = ["msma", "glow", "fanogan"] + (["resnet"] if general_spec else []) + ["simple"]
     else:
         methods = [model]
     if any(m not in DEFAULT_CONFIGS for m in methods):
-        raise ConfigError(f"--model must be msma, glow, fanogan, resnet or all, got {model!r}")
+        raise ConfigError(f"--model must be msma, glow, fanogan, resnet, simple or all, got {model!r}")
     if "resnet" in methods and not general_spec:
         raise ConfigError("the ResNet classifier (S9) learns the in-distribution set against --general; give one")
     cfgs = {m: load_config(DEFAULT_CONFIGS[m], overrides) for m in methods}
@@ -203,6 +206,12 @@ def benchmark(in_spec: str | None = None, out_specs: Sequence[str] = (), data_ro
         detector = _fitted(run, cfg, sets.in_train.images, console, outliers=sets.general.images)
         add(_score_sets(lambda x: {"p_in": detector.score_samples(x)["p_in"]}, test_sets, console,
                         "ResNet p(in | x)"), "resnet_")
+
+    if "simple" in cfgs:
+        cfg = cfgs["simple"]
+        run = _prepare_run(root / _slug(in_spec) / "simple", cfg, in_spec)
+        detector = _fitted(run, cfg, sets.in_train.images, console, steps=0, needs="scorers.json")
+        add(_score_sets(detector.score_samples, test_sets, console, "simple-baseline scores"), "simple_")
 
     report = {"in": in_spec, "out": list(out_specs), "general": general_spec,
               "n": {"train": len(sets.in_train), **{name: len(images) for name, images in test_sets.items()}},

@@ -63,23 +63,27 @@ def prepare_items(adapter, sources: Sequence[Source], cache_dir: str | Path | No
     prepared = PreparedItems()
     with progress_bar(console) as progress:
         for source in progress.track(sources, description=description):
-            try:
-                arrays = cache.get_or_compute(source.paths, lambda: adapter.preprocess(source))
-            except (ScanError, CohortError) as err:
-                reason = err.reason if isinstance(err, ScanError) else str(err)
+            arrays, reason = preprocess_source(adapter, cache, source)
+            if reason is not None:
                 prepared.failures.append((source.label, reason))
-                continue
-            except FileNotFoundError:
-                prepared.failures.append((source.label, "file not found"))
-                continue
-            except IsADirectoryError:
-                prepared.failures.append((source.label, "a folder, not a scan file"))
-                continue
-            except OSError as err:
-                prepared.failures.append((source.label, f"cannot read ({err.strerror or err})"))
-                continue
-            prepared.items.extend(adapter.items(source, arrays))
+            else:
+                prepared.items.extend(adapter.items(source, arrays))
     return prepared
+
+
+def preprocess_source(adapter, cache: PreprocessedCache, source: Source) -> tuple[dict[str, np.ndarray] | None, str | None]:
+    """``(arrays, None)`` of one source through ``cache``, or ``(None, reason)`` when it cannot be used."""
+    try:
+        return cache.get_or_compute(source.paths, lambda: adapter.preprocess(source),
+                                    getattr(adapter, "cached_arrays", ())), None
+    except (ScanError, CohortError) as err:
+        return None, err.reason if isinstance(err, ScanError) else str(err)
+    except FileNotFoundError:
+        return None, "file not found"
+    except IsADirectoryError:
+        return None, "a folder, not a scan file"
+    except OSError as err:
+        return None, f"cannot read ({err.strerror or err})"
 
 
 def batched(fn: Callable[[np.ndarray], dict[str, np.ndarray]], images: np.ndarray, chunk: int = 64,

@@ -39,19 +39,22 @@ class Source:
 
 @dataclass
 class Item:
-    """One scored unit. ``slices``: ``(S, C, H, W)`` float32 in [0, 1]; ``group``: its evaluation group."""
+    """One scored unit. ``slices``: ``(S, C, H, W)`` float32 in [0, 1]; ``group``: its evaluation group;
+    ``acquisition``: the scan's acquisition-level properties ``(F,)`` where the preset gives them."""
 
     key: str
     subject: str
     label: str
     group: str | None
     slices: np.ndarray
+    acquisition: np.ndarray | None = None
 
 
 class T1AgeCohort:
     """ABCD / EBDS style cohorts of T1 scans with ages; see the module docstring."""
 
     preset, group_by, unit = "t1", "age", "scan"
+    cached_arrays = ("slices", "acquisition")
 
     def __init__(self, cfg: ExperimentConfig):
         self.cfg = cfg
@@ -74,12 +77,13 @@ class T1AgeCohort:
         return age is not None and low <= age <= high
 
     def preprocess(self, source: Source) -> dict[str, np.ndarray]:
-        return {"slices": self.preprocess_scan(source.payload.path)}
+        return self.preprocess_scan.arrays(source.payload.path)
 
     def items(self, source: Source, arrays: dict[str, np.ndarray]) -> list[Item]:
         scan: Scan = source.payload
         group = age_group(scan.age_years) if scan.age_years is not None else None
-        return [Item(key=scan.key, subject=scan.subject, label=source.label, group=group, slices=arrays["slices"])]
+        return [Item(key=scan.key, subject=scan.subject, label=source.label, group=group, slices=arrays["slices"],
+                     acquisition=arrays.get("acquisition"))]
 
     def is_inlier(self, item: Item) -> bool:
         return True  # every item of an inlier source is an inlier scan

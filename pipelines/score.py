@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
+import numpy as np
 from rich.console import Console
 
 from neuro_ood.errors import ConfigError, NeuroOODError
 from neuro_ood.report import save_anomaly_maps
 from neuro_ood.pipelines.common import prepare_items, score_items
 from neuro_ood.pipelines.datasets import dataset_adapter
+from neuro_ood.pipelines.domain import load_domain_model, site_verdicts
 from neuro_ood.pipelines.rundir import RunDir
 from neuro_ood.pipelines.reference import percentile, reference_scores, threshold
 
@@ -19,7 +21,9 @@ from neuro_ood.pipelines.reference import percentile, reference_scores, threshol
 @dataclass
 class ScanResult:
     """One item's verdict. ``scores``: higher = more typical; ``percentiles``: % of held-out inliers
-    scoring at or below it; ``flags``: below the 95%-TPR threshold; ``flagged``: the primary score's flag."""
+    scoring at or below it; ``flags``: below the 95%-TPR threshold; ``flagged``: the primary score's flag;
+    ``site``: the domain-shift signal (``site_score``, ``site_percentile``, ``site_shift``; see
+    :mod:`neuro_ood.pipelines.domain`), None where the run has no site model."""
 
     path: str
     scores: dict[str, float]
@@ -27,9 +31,42 @@ class ScanResult:
     flags: dict[str, bool]
     primary: str
     flagged: bool
+    site: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class Normative:
+    """A run's normative reference as a verdict needs it: the held-out inlier scores per score name
+    (after the detector's :meth:`group_view` for unknown groups), each score's flag threshold at the
+    run's ``score.tpr``, and the primary score whose flag is the item's flag."""
+
+    scores: dict[str, np.ndarray]
+    thresholds: dict[str, float]
+    primary: str
+    tpr: float
+
+    @classmethod
+    def of_run(cls, detector, reference: dict[str, Any], cfg) -> "Normative":
+        scores = detector.group_view(reference_scores(reference), None)
+        thresholds = {name: threshold(values, reference["tpr"]) for name, values in scores.items()}
+        primary = cfg.score.primary if cfg.score.primary in scores else next(iter(scores))
+        return cls(scores=scores, thresholds=thresholds, primary=primary, tpr=float(reference["tpr"]))
+
+    def judge(self, path: str, values: Mapping[str, float]) -> ScanResult:
+        """The verdict on one item from its scores (``{name: value}``, already through ``group_view``)."""
+        values = {name: float(values[name]) for name in self.scores}
+        flags = {name: bool(v < self.thresholds[name]) for name, v in values.items()}
+        return ScanResult(path=path, scores=values,
+                          percentiles={name: percentile(self.scores[name], v) for name, v in values.items()},
+                          flags=flags, primary=self.primary, flagged=flags[self.primary])
+
+    def judge_all(self, paths: Sequence[str], scores: Mapping[str, np.ndarray]) -> list[ScanResult]:
+        """:meth:`judge` for each of ``paths``, ``scores`` holding one value per path per name."""
+        return [self.judge(path, {name: scores[name][index] for name in self.scores})
+                for index, path in enumerate(paths)]
 
 
 @dataclass
@@ -39,6 +76,18 @@ class ScoreReport:
     results: list[ScanResult]
     failures: list[tuple[str, str]]
     map_files: list[str] = field(default_factory=list)
+
+
+def sources_of_paths(adapter, paths: Sequence[str | Path]) -> tuple[list, list[tuple[str, str]]]:
+    """The adapter's sources of the files (or BraTS case folders) ``paths``, and ``(path, reason)``
+    for each that cannot be one."""
+    sources, failures = [], []
+    for path in paths:
+        try:
+            sources.extend(adapter.sources_from_paths([path]))
+        except NeuroOODError as err:
+            failures.append((str(path), str(err)))
+    return sources, failures
 
 
 def score_scans(run_dir: str | Path, paths: Sequence[str | Path], cache_dir: str | Path | None = None,
@@ -56,26 +105,14 @@ def score_scans(run_dir: str | Path, paths: Sequence[str | Path], cache_dir: str
     reference = run.load_reference()
     if maps_dir is not None and not detector.localises:
         raise ConfigError(f"{cfg.method} runs give no voxel-level maps; --maps needs an msma or fanogan run")
-    sources, failures = [], []
-    for path in paths:
-        try:
-            sources.extend(adapter.sources_from_paths([path]))
-        except NeuroOODError as err:
-            failures.append((str(path), str(err)))
+    sources, failures = sources_of_paths(adapter, paths)
     prepared = prepare_items(adapter, sources, cache_dir, console, "preprocess")
     if not prepared.items:
         return ScoreReport(results=[], failures=failures + prepared.failures)
     scores = detector.group_view(score_items(detector, prepared.items, console=console, description="score"), None)
-    normative = detector.group_view(reference_scores(reference), None)
-    thresholds = {name: threshold(values, reference["tpr"]) for name, values in normative.items()}
-    primary = cfg.score.primary if cfg.score.primary in normative else next(iter(normative))
-    results = []
-    for index, item in enumerate(prepared.items):
-        values = {name: float(scores[name][index]) for name in normative}
-        flags = {name: bool(v < thresholds[name]) for name, v in values.items()}
-        results.append(ScanResult(path=item.label, scores=values,
-                                  percentiles={name: percentile(normative[name], v) for name, v in values.items()},
-                                  flags=flags, primary=primary, flagged=flags[primary]))
+    results = Normative.of_run(detector, reference, cfg).judge_all([item.label for item in prepared.items], scores)
+    for result, site in zip(results, site_verdicts(load_domain_model(run.path), reference, prepared.items)):
+        result.site = site
     map_files = []
     if maps_dir is not None:
         spacing = cfg.preprocessing.spacing_mm

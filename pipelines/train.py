@@ -18,6 +18,7 @@ from neuro_ood.networks import NETWORK_SECTIONS
 from neuro_ood.preprocessing.presets import preprocessing_fingerprint
 from neuro_ood.pipelines.common import ConsoleProgress, prepare_items, score_items
 from neuro_ood.pipelines.datasets import dataset_adapter
+from neuro_ood.pipelines.domain import fit_domain_model, save_domain_model
 from neuro_ood.pipelines.reference import build_reference
 from neuro_ood.pipelines.rundir import RunDir
 
@@ -80,7 +81,9 @@ def train(cfg: ExperimentConfig, data_dir: str | Path, out: str | Path, cache_di
 
     Sources holding inliers (scans aged within ``data.inlier_ages``; BraTS cases) are split by
     subject into training (network and scorers) and held-out (percentile reference, flag
-    thresholds) sets. Re-running into the same ``out`` resumes from its last checkpoint.
+    thresholds) sets. Re-running into the same ``out`` resumes from its last checkpoint. Where the
+    preset gives acquisition vectors, a site model of the training scans is stored too
+    (:mod:`neuro_ood.pipelines.domain`).
     """
     started = time.perf_counter()
     console = console or Console(stderr=True)
@@ -132,7 +135,12 @@ def train(cfg: ExperimentConfig, data_dir: str | Path, out: str | Path, cache_di
         detector.fit(images, groups=groups, checkpoint_dir=run.path, resume=resume, progress=progress, **extra)
     detector.save(run.path)
     held_scores = score_items(detector, held_items, console=console, description="score held-out")
-    run.save_reference(build_reference(held_scores, held_items, cfg.score.tpr))
+    reference = build_reference(held_scores, held_items, cfg.score.tpr)
+    domain = fit_domain_model(train_items, held_items, cfg.score.tpr)
+    if domain is not None:
+        save_domain_model(run.path, domain[0])
+        reference["domain"] = domain[1]
+    run.save_reference(reference)
     return TrainSummary(run=run.path, method=cfg.method, n_train_items=len(train_items),
                         n_heldout_items=len(held_items), n_train_slices=len(images),
                         steps=detector.train_state.step, final_loss=detector.final_loss,

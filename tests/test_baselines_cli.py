@@ -13,6 +13,7 @@ TINY_FANOGAN = [*TINY_T1, "fanogan.width=4", "fanogan.latent_dim=8", "fanogan.en
 # 20 steps: fewer leave the batch-norm statistics near their initial values and the ranking arbitrary
 TINY_RESNET = [*TINY_T1, "resnet.depth=10", "resnet.widen=0.125", "resnet.head_hidden=8",
                "training.steps=20", "training.batch_size=8", "training.checkpoint_every=10"]
+TINY_SIMPLE = [*TINY_T1, "scorers.gmm={n_components: [1, 2], cv: 3, n_jobs: 1}", "scorers.knn={n_neighbors: 3}"]
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +23,7 @@ def runs(tiny_cohort, tmp_path_factory):
         "msma": ["train", "--config", "msma_quick", *set_args(TINY_OVERRIDES)],
         "fanogan": ["baseline", "fanogan", "--config", "fanogan_quick", *set_args(TINY_FANOGAN)],
         "resnet": ["baseline", "resnet", "--outlier-group", "1", "--config", "resnet_quick", *set_args(TINY_RESNET)],
+        "simple": ["baseline", "simple", "--config", "simple_quick", *set_args(TINY_SIMPLE)],
     }
     for name, command in commands.items():
         result = invoke(*command, "--dataset", "abcd", "--data-dir", tiny_cohort, "--out", root / name)
@@ -57,12 +59,14 @@ def test_scoring_nothing_usable_with_a_resnet_run_is_one_line(runs, tmp_path):
 
 def test_side_by_side_evaluation(runs, tiny_cohort):
     result = invoke("evaluate", "--run", runs / "msma", "--run", runs / "fanogan", "--run", runs / "resnet",
-                    "--data-dir", tiny_cohort, "--group-by", "age")
+                    "--run", runs / "simple", "--data-dir", tiny_cohort, "--group-by", "age")
     assert result.exit_code == 0, result.output
     metrics = json.loads((runs / "msma" / "metrics.json").read_text())
-    assert set(metrics["runs"]) == {"msma", "fanogan", "resnet"}
+    assert set(metrics["runs"]) == {"msma", "fanogan", "resnet", "simple"}
     groups = {label: run["groups"] for label, run in metrics["runs"].items()}
     assert groups["msma"].keys() == groups["fanogan"].keys() == groups["resnet"].keys() == {"1", "6"}
+    assert groups["simple"].keys() == {"1", "6"} and groups["simple"]["1"]["n"] == groups["msma"]["1"]["n"]
+    assert set(groups["simple"]["6"]["scorers"]) == {"gmm", "knn"} and "simple" in result.stdout
     # the 1-year-olds the classifier trained on are left out for every method alike
     assert groups["msma"]["1"]["n"] == groups["resnet"]["1"]["n"] < 4
     assert set(groups["resnet"]["1"]["scorers"]) == {"resnet"} and set(groups["fanogan"]["6"]["scorers"]) == {"fanogan"}
@@ -70,7 +74,8 @@ def test_side_by_side_evaluation(runs, tiny_cohort):
     assert "*" in result.stdout and "fanogan" in result.stdout and "gmm" in result.stdout
     # direction: every method ranks the 1-year-olds clearly below the held-out inliers (a dropped
     # minus sign anywhere between network and table would put this near 0)
-    for label, score in (("msma", "gmm"), ("msma", "maf"), ("fanogan", "fanogan"), ("resnet", "resnet")):
+    for label, score in (("msma", "gmm"), ("msma", "maf"), ("fanogan", "fanogan"), ("resnet", "resnet"),
+                         ("simple", "gmm"), ("simple", "knn")):
         assert groups[label]["1"]["scorers"][score]["auroc"] > 0.9, (label, score)
 
 
@@ -109,3 +114,19 @@ def test_fanogan_score_and_swapped_preprocessing(runs, tiny_cohort, tmp_path):
     (copy / "config.yaml").write_text((copy / "config.yaml").read_text().replace("slice_fit: pad", "slice_fit: resize"))
     result = invoke("score", scan, "--run", copy)
     assert result.exit_code == 2 and "other preprocessing" in result.stderr
+
+
+def test_simple_baseline_runs_like_any_method(runs, tiny_cohort):
+    simple = runs / "simple"
+    assert json.loads((simple / "split.json").read_text()) == json.loads((runs / "msma" / "split.json").read_text())
+    assert not (simple / "model.safetensors").exists() and not (simple / "train_state.pt").exists()
+    assert json.loads((simple / "preprocessing.json").read_text()) == json.loads(
+        (runs / "msma" / "preprocessing.json").read_text())
+    scan = sorted(tiny_cohort.glob("sub-*/anat/*.nii.gz"))[0]
+    result = invoke("score", scan, "--run", simple, "--json")
+    assert result.exit_code == 0, result.output
+    entry = json.loads(result.stdout)["scans"][0]
+    assert set(entry["scores"]) == {"gmm", "knn"} and entry["primary"] == "gmm"
+    result = invoke("train", "--model", "simple", "--config", "simple_quick", *set_args(TINY_SIMPLE),
+                    "--data-dir", tiny_cohort, "--out", simple)       # the same path through `train`
+    assert result.exit_code == 0 and "no network" in result.stdout, result.output

@@ -35,7 +35,8 @@ def test_benchmark_writes_every_method_for_every_pair(bench):
     assert set(report["pairs"]) == {"digits->constant", "digits->uniform"}
     for methods in report["pairs"].values():
         assert set(methods) == {"msma_gmm", "msma_maf", "msma_knn", "glow_raw", "glow_last_scale",
-                                "glow_diff", "glow_diff_outlier_loss", "fanogan", "resnet_p_in"}
+                                "glow_diff", "glow_diff_outlier_loss", "fanogan", "resnet_p_in",
+                                "simple_gmm", "simple_knn", "simple_maf"}  # TINY's scorers.maf reaches every config
         for values in methods.values():
             assert set(values) == METRICS and all(0 <= v <= 1 for v in values.values())
     assert set(report["bpd"]) == {"glow[digits]", "glow[photos]", "glow[digits]+outlier_loss"}
@@ -52,6 +53,15 @@ def test_benchmark_reuses_trained_models(bench):
     assert (root / "digits" / "glow" / "model.safetensors").stat().st_mtime_ns == stamp
     report = json.loads((root / "benchmark.json").read_text())
     assert set(report["pairs"]["digits->constant"]) == {"glow_raw", "glow_last_scale"}
+    # the simple baseline has no network and no training state, and is reused all the same
+    stamp = (root / "digits" / "simple" / "scorers.safetensors").stat().st_mtime_ns
+    result = invoke("benchmark", "--in", "digits", "--out", "constant", "--model", "simple", *set_args(TINY),
+                    "--run-dir", root)
+    assert result.exit_code == 0, result.output
+    assert (root / "digits" / "simple" / "scorers.safetensors").stat().st_mtime_ns == stamp
+    assert not (root / "digits" / "simple" / "model.safetensors").exists()
+    report = json.loads((root / "benchmark.json").read_text())
+    assert set(report["pairs"]["digits->constant"]) == {"simple_gmm", "simple_knn", "simple_maf"}
 
 
 def test_fourier_analysis_on_a_benchmark_glow(bench, tmp_path):
@@ -93,7 +103,7 @@ def test_benchmark_errors_are_one_line(tmp_path):
     result = invoke("benchmark", "--in", "cifar10", "--out", "svhn", "--data-root", tmp_path, "--run-dir", tmp_path)
     assert result.exit_code == 2 and result.stderr.startswith("error:") and "cifar" in result.stderr.lower()
     result = invoke("benchmark", "--model", "pixelcnn", "--run-dir", tmp_path)
-    assert result.exit_code == 2 and "msma, glow, fanogan, resnet or all" in result.stderr
+    assert result.exit_code == 2 and "msma, glow, fanogan, resnet, simple or all" in result.stderr
     result = invoke("benchmark", "--in", "digits", "--out", "constant", "--model", "resnet", "--run-dir", tmp_path)
     assert result.exit_code == 2 and "--general" in result.stderr
 

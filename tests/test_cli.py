@@ -202,4 +202,26 @@ def test_quickstart_pipeline_end_to_end_on_a_tiny_cohort(tmp_path):
     cohort = {"inliers": 8, "ages": (1, 4), "per_age": 2, "seed": 5, "resolution_mm": 4.0}
     metrics = quickstart(tmp_path, overrides=TINY_OVERRIDES, cohort=cohort)
     assert set(metrics["groups"]) == {"1", "4"} and metrics["seconds"] > 0
+    assert set(metrics["runs"]) == {"msma", "simple"}  # the simple baseline beside MSMA, on the same groups
+    assert metrics["runs"]["simple"]["groups"].keys() == metrics["groups"].keys()
     assert (tmp_path / "cohort" / "participants.tsv").is_file() and (tmp_path / "run" / "metrics.json").is_file()
+
+
+def test_site_signal_ranks_a_foreign_intensity_profile_below_the_training_scans(trained_run, tiny_cohort, tmp_path):
+    """The domain-shift signal: the same brain stored with another scanner's intensity profile
+    (gamma-compressed, rescaled to 8 bits, background zeroed) sits outside the training site."""
+    import nibabel as nib
+
+    split = json.loads((trained_run / "split.json").read_text())
+    scan = next(p for p in sorted(tiny_cohort.glob("sub-*/anat/*.nii.gz")) if p.name.split("_")[0] in split["heldout"])
+    image = nib.load(scan)
+    data = np.asarray(image.dataobj, dtype=np.float32)
+    foreign = np.clip(data, 0, None) ** 0.5
+    foreign = np.where(data > 0.1 * np.percentile(data, 99), foreign / foreign.max() * 255, 0).astype(np.uint8)
+    nib.save(nib.Nifti1Image(foreign, image.affine), tmp_path / "foreign.nii.gz")
+    result = invoke("score", scan, tmp_path / "foreign.nii.gz", "--run", trained_run, "--json")
+    assert result.exit_code == 0, result.output
+    own, other = (entry["site"] for entry in json.loads(result.stdout)["scans"])
+    assert other["site_percentile"] < own["site_percentile"] and other["site_shift"] and not own["site_shift"]
+    table = invoke("score", tmp_path / "foreign.nii.gz", "--run", trained_run)
+    assert "UNLIKE TRAINING SITE" in table.stdout

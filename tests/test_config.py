@@ -85,6 +85,9 @@ def test_valid_choices_load(override):
     ("preprocessing.intensity_percentiles=[99, 1]", "preprocessing.intensity_percentiles must be [low, high]"),
     ("images.size=[32, 0]", "images.size must be [H, W]"),
     ("model.sigma_min=0", "0 < sigma_min ≤ sigma_max"),
+    ("training.grad_clip=0", "training.grad_clip must be a positive gradient norm or null"),
+    ("training.ema_decay=1.0", "training.ema_decay must be in (0, 1) or null"),
+    ("training.warmup_steps=-1", "training.warmup_steps must be ≥ 0"),
 ])
 def test_bad_shapes_are_refused_at_load(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

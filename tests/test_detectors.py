@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from neuro_ood.config import config_from_dict
+from neuro_ood.config import METHODS, config_from_dict
 from neuro_ood.detectors import DETECTORS, build_detector, load_detector
 from neuro_ood.errors import RunError
 
@@ -16,6 +16,7 @@ TINY = {
     "glow": {"model": {"n_scales": 2, "steps_per_scale": 2, "hidden": 8}, "training": {"lr": 1e-3}},
     "fanogan": {"fanogan": {"width": 4, "latent_dim": 8, "n_critic": 2, "encoder_steps": 4}},
     "resnet": {"resnet": {"depth": 10, "widen": 0.125, "head_hidden": 8}},
+    "simple": {"scorers": {"gmm": {"n_components": [1, 2], "cv": 3, "n_jobs": 1}, "knn": {"n_neighbors": 3}}},
 }
 
 
@@ -38,6 +39,10 @@ def blobs(n, seed, radius=5.0, shape=(16, 16)):
     return np.clip(out, 0, 1)
 
 
+def test_every_method_of_the_config_is_a_detector():
+    assert set(METHODS) == set(DETECTORS) == set(TINY)
+
+
 @pytest.mark.parametrize("method", sorted(DETECTORS))
 def test_fit_score_save_load_round_trip(method, tmp_path):
     x = blobs(24, 0)
@@ -53,6 +58,8 @@ def test_fit_score_save_load_round_trip(method, tmp_path):
     assert scores and all(v.shape == (5,) and v.dtype == np.float64 for v in scores.values())
     loaded = load_detector(tmp_path, "cpu")
     assert type(loaded) is type(detector) and loaded.train_state is None
+    # a detector without a network stores no weights and no training state
+    assert {(tmp_path / f).is_file() for f in ("model.safetensors", "train_state.pt")} == {detector.has_network}
     again = loaded.score_samples(test)
     for name in scores:
         np.testing.assert_allclose(again[name], scores[name], rtol=1e-5, atol=1e-6)
@@ -65,6 +72,8 @@ def test_fit_score_save_load_round_trip(method, tmp_path):
 
 @pytest.mark.parametrize("method", sorted(DETECTORS))
 def test_training_resumes_from_the_checkpoint_in_either_stage(method, tmp_path):
+    if not DETECTORS[method].has_network:
+        pytest.skip(f"{method} has no network and no training loop to resume")
     x = blobs(16, 0)
     outliers = blobs(8, 1, radius=2.0) if DETECTORS[method].needs_outliers else None
     first = build_detector(tiny_cfg(method, steps=3)).fit(x, outliers=outliers, checkpoint_dir=tmp_path)
@@ -113,3 +122,18 @@ def test_loading_the_wrong_kind_of_directory_is_one_error(tmp_path):
     (tmp_path / "model.json").write_text("{not json")
     with pytest.raises(RunError, match="damaged"):
         load_detector(tmp_path)
+
+
+def test_simple_detector_takes_volumes_and_scores_the_size_cue(tmp_path):
+    volumes = blobs(12, 0, shape=(8, 12, 8))
+    detector = build_detector(tiny_cfg("simple")).fit(volumes, groups=np.repeat(np.arange(4), 3))
+    detector.save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "scorers.json", "scorers.safetensors"]
+    assert json.loads((tmp_path / "model.json").read_text())["spatial_dims"] == 3
+    assert detector.feature_names[-4:] == ("size", "extent_0", "extent_1", "extent_2")
+    loaded = load_detector(tmp_path)
+    small = blobs(4, 5, radius=2.5, shape=(8, 12, 8))      # the same discs, smaller: atypical
+    for name in ("gmm", "knn"):
+        assert loaded.score_samples(small)[name].max() < loaded.score_samples(volumes)[name].min(), name
+    with pytest.raises(ValueError, match="fitted on inputs"):
+        loaded.score_samples(blobs(2, 0))                   # 2-D slices into a 3-D detector

@@ -19,3 +19,9 @@ def test_every_subpackage_is_listed_in_pyproject():
             found.add(".".join([name, *parts]) if parts else name)
     assert found <= listed, f"not in pyproject packages: {sorted(found - listed)}"
     assert "*.yaml" in config["package-data"]["neuro_ood.configs"]
+
+
+def test_the_report_template_ships_with_the_pipelines():
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "*.html" in config["package-data"]["neuro_ood.pipelines"]
+    assert (ROOT / "pipelines" / "report_template.html").is_file()

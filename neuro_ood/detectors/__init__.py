@@ -16,13 +16,14 @@ from neuro_ood.detectors.fanogan import FAnoGANDetector
 from neuro_ood.detectors.glow import GlowDetector
 from neuro_ood.detectors.msma import MSMADetector
 from neuro_ood.detectors.resnet import ResNetDetector
+from neuro_ood.detectors.simple import SimpleDetector
 from neuro_ood.errors import ConfigError, RunError
 
 DETECTORS: dict[str, type[Detector]] = {d.method: d for d in (MSMADetector, GlowDetector, FAnoGANDetector,
-                                                               ResNetDetector)}
+                                                               ResNetDetector, SimpleDetector)}
 
 __all__ = ["DETECTORS", "Detector", "FAnoGANDetector", "GlowDetector", "MSMADetector", "Progress",
-           "ResNetDetector", "build_detector", "detector_class", "load_detector"]
+           "ResNetDetector", "SimpleDetector", "build_detector", "detector_class", "load_detector"]
 
 
 def detector_class(method: str) -> type[Detector]:

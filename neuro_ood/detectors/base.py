@@ -23,6 +23,9 @@ Files a detector writes into its directory::
     model.safetensors   weights it scores with (the EMA weights when training.ema_decay is set)
     model.json          method, architecture sections, input shape, step, caller's meta
     train_state.pt      step, optimiser and EMA states, raw weights under EMA (torch.load(weights_only=True))
+
+A detector without a network (``has_network = False``: the simple baseline) writes ``model.json``
+alone of these, with step 0.
 """
 
 from __future__ import annotations
@@ -96,6 +99,8 @@ class Detector:
     method: ClassVar[str] = ""
     localises: ClassVar[bool] = False
     needs_outliers: ClassVar[bool] = False
+    #: False for a detector with no network to train (the simple baseline): no weights, no training state.
+    has_network: ClassVar[bool] = True
 
     def __init__(self, cfg: ExperimentConfig, device: torch.device | str | None = None):
         self.cfg = cfg
@@ -133,7 +138,7 @@ class Detector:
     def save(self, directory: str | Path) -> None:
         """Write weights, metadata and (after training) the training state into ``directory``."""
         self._save_network(Path(directory))
-        if self.train_state is not None:
+        if self.train_state is not None and self.has_network:
             self._save_train_state(Path(directory), self.train_state)
         self._save_extra(Path(directory))
 
@@ -159,10 +164,11 @@ class Detector:
 
     def _save_network(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        weights = self._ema.module.state_dict() if self._ema is not None else self.network.state_dict()
-        state = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
-        with atomic_write(directory / WEIGHTS) as tmp:
-            save_file(state, str(tmp))
+        if self.has_network:
+            weights = self._ema.module.state_dict() if self._ema is not None else self.network.state_dict()
+            state = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+            with atomic_write(directory / WEIGHTS) as tmp:
+                save_file(state, str(tmp))
         sections = self.cfg.to_dict()
         write_json(directory / META, {
             "method": self.method, **{key: sections[key] for key in STORED_SECTIONS},
@@ -177,6 +183,8 @@ class Detector:
     def _load_network(self, directory: Path, meta: dict[str, Any]) -> None:
         image_size = meta.get("image_size")
         self.input_shape = (int(meta["in_channels"]), *(image_size or []))
+        if not self.has_network:
+            return
         network = build_network(self.cfg, meta["in_channels"], meta["spatial_dims"], image_size)
         path = directory / WEIGHTS
         if not path.is_file():

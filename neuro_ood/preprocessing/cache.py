@@ -39,11 +39,15 @@ class PreprocessedCache:
     def __init__(self, root: str | Path, fingerprint: str):
         self.root = Path(root) / fingerprint
 
-    def get_or_compute(self, paths: Sequence[str | Path],
-                       compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    def get_or_compute(self, paths: Sequence[str | Path], compute: Callable[[], dict[str, np.ndarray]],
+                       required: Sequence[str] = ()) -> dict[str, np.ndarray]:
+        """The cached arrays of ``paths``, or ``compute()``'s (then cached); an entry written before
+        the preset produced every name in ``required`` is computed again."""
         entry = self.root / f"{content_digest(paths)}.safetensors"
         if entry.is_file():
-            return load_arrays(entry)
+            arrays = load_arrays(entry)
+            if set(required) <= set(arrays):
+                return arrays
         arrays = compute()
         save_arrays(entry, arrays)
         return arrays

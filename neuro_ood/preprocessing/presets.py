@@ -21,6 +21,8 @@ from monai.transforms import (Compose, CropForeground, Orientation, Resize, Resi
 from neuro_ood.config import PreprocessingConfig
 from neuro_ood.data.nifti import load_volume
 from neuro_ood.errors import ConfigError, ScanError
+from neuro_ood.preprocessing.acquisition import acquisition_features
+from neuro_ood.preprocessing.registration import TemplateRegistration, WhiteMatterScaling
 from neuro_ood.preprocessing.transforms import AxialSlices, N4BiasFieldCorrection, RelativeThreshold
 
 # Bump a preset's version when its code changes its output, so that old checkpoints and caches are
@@ -31,24 +33,43 @@ PREPROCESSING_VERSION = 1
 PRESET_VERSIONS = {"t1": 1, "brats": 2}
 
 
+# Options added after runs were made: left out of the fingerprint at these values, so that runs made
+# before they existed keep their fingerprint (and still load and score as before).
+LATER_OPTIONS = {"registration": "none", "min_registration_quality": 0.35, "standardise": "percentile"}
+
+
 def preprocessing_fingerprint(cfg: PreprocessingConfig) -> str:
     """Short hash of everything that shapes the preprocessed tensors (config + the preset's code version)."""
     version = PRESET_VERSIONS.get(cfg.preset, PREPROCESSING_VERSION)
-    payload = json.dumps({"version": version, **dataclasses.asdict(cfg)}, sort_keys=True)
+    fields = {key: value for key, value in dataclasses.asdict(cfg).items()
+              if not (key in LATER_OPTIONS and value == LATER_OPTIONS[key])}
+    payload = json.dumps({"version": version, **fields}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def template_resolution(cfg: PreprocessingConfig) -> int:
+    """The MNI152 grid (mm) a registered scan lands on: the working spacing (isotropic, whole mm)."""
+    return int(round(cfg.spacing_mm[0]))
+
+
 def volume_transforms(cfg: PreprocessingConfig, channel_wise: bool = False) -> Compose:
-    """MONAI chain for a ``(C, X, Y, Z)`` MetaTensor: RAS, spacing, N4, head crop, [0, 1] scaling."""
+    """MONAI chain for a ``(C, X, Y, Z)`` MetaTensor: RAS, spacing, [template registration and
+    brain mask], N4, head crop, [0, 1] scaling (percentiles, or white-matter scaling)."""
     low, high = cfg.intensity_percentiles
+    registered = cfg.registration == "mni152"
     steps = [Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
              Spacing(pixdim=cfg.spacing_mm, mode="bilinear", dtype=np.float32)]
+    if registered:
+        steps.append(TemplateRegistration(template_resolution(cfg), cfg.min_registration_quality))
     if cfg.n4:
-        steps.append(N4BiasFieldCorrection(shrink=cfg.n4_shrink, iterations=cfg.n4_iterations))
-    steps += [
-        CropForeground(select_fn=RelativeThreshold(cfg.foreground_fraction), margin=1, allow_smaller=True),
-        ScaleIntensityRangePercentiles(low, high, b_min=0.0, b_max=1.0, clip=True, channel_wise=channel_wise),
-    ]
+        steps.append(N4BiasFieldCorrection(shrink=cfg.n4_shrink, iterations=cfg.n4_iterations,
+                                           mask="nonzero" if registered else "otsu"))
+    if cfg.standardise == "white_matter":
+        steps.append(WhiteMatterScaling(template_resolution(cfg)))
+    steps.append(CropForeground(select_fn=RelativeThreshold(cfg.foreground_fraction), margin=1, allow_smaller=True))
+    if cfg.standardise == "percentile":
+        steps.append(ScaleIntensityRangePercentiles(low, high, b_min=0.0, b_max=1.0, clip=True,
+                                                    channel_wise=channel_wise))
     return Compose(steps)
 
 
@@ -83,15 +104,36 @@ class T1SlicePreprocessor:
         return preprocessing_fingerprint(self.cfg)
 
     def __call__(self, path: str | Path) -> np.ndarray:
+        """The slices ``(S, 1, H, W)`` of the scan at ``path``."""
+        return self.arrays(path)["slices"]
+
+    def arrays(self, path: str | Path) -> dict[str, np.ndarray]:
+        """``slices (S, 1, H, W)``, ``acquisition (F,)`` (see
+        :mod:`neuro_ood.preprocessing.acquisition`) and, with registration, ``template_to_scan``
+        (4, 4): RAS world mm on the template -> the scan's world mm."""
         data, affine = load_volume(path)
         try:
             volume = self.volume(to_metatensor(data, affine))
         except (RuntimeError, ValueError) as err:  # MONAI wraps a failing transform in RuntimeError
-            raise ScanError(path, f"preprocessing failed ({str(err).splitlines()[0]})") from None
+            raise ScanError(path, f"preprocessing failed ({_reason(err)})") from None
         try:
             slices = self.slices(volume)
         except ValueError as err:
             raise ScanError(path, str(err)) from None
         fitted = self.fit(torch.as_tensor(slices).flatten(0, 1))  # slices as channels: same geometry
         out = torch.as_tensor(fitted).reshape(len(slices), -1, *self.cfg.slice_size)
-        return out.numpy().astype(np.float32)
+        meta = volume.meta if isinstance(volume, MetaTensor) else {}
+        arrays = {"slices": out.numpy().astype(np.float32),
+                  "acquisition": acquisition_features(data, affine, meta.get("registration_quality", 0.0),
+                                                      meta.get("outside_brain_fraction", 0.0),
+                                                      self.cfg.foreground_fraction)}
+        if "template_to_scan" in meta:
+            arrays["template_to_scan"] = np.asarray(meta["template_to_scan"], dtype=np.float64)
+        return arrays
+
+
+def _reason(err: Exception) -> str:
+    """The innermost message of a (MONAI-wrapped) transform error, on one line."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return str(err).splitlines()[0] if str(err) else type(err).__name__

@@ -19,18 +19,22 @@ class N4BiasFieldCorrection(Transform):
     """N4 bias-field correction (SimpleITK) of each channel of a ``(C, X, Y, Z)`` volume.
 
     The field is estimated on a copy shrunk by ``shrink`` (≈2 s per 2 mm volume with 2×) inside
-    an Otsu head mask, then divided out of the full-resolution image. Voxel spacing is read from
+    an Otsu head mask (``mask="otsu"``) or the nonzero voxels (``"nonzero"``: a brain-masked
+    volume), then divided out of the full-resolution image. Voxel spacing is read from
     a MetaTensor's affine so the B-spline control grid has physical units.
     """
 
-    def __init__(self, shrink: int = 2, iterations: Sequence[int] = (50, 50, 30)):
+    def __init__(self, shrink: int = 2, iterations: Sequence[int] = (50, 50, 30), mask: str = "otsu"):
+        if mask not in ("otsu", "nonzero"):
+            raise ValueError(f"N4 mask must be 'otsu' or 'nonzero', got {mask!r}")
         self.shrink = int(shrink)
         self.iterations = [int(i) for i in iterations]
+        self.mask = mask
 
     def _correct(self, volume: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
         image = sitk.GetImageFromArray(np.ascontiguousarray(volume.transpose(2, 1, 0), dtype=np.float32))
         image.SetSpacing([float(s) for s in spacing])
-        mask = sitk.OtsuThreshold(image, 0, 1, 200)
+        mask = sitk.OtsuThreshold(image, 0, 1, 200) if self.mask == "otsu" else sitk.Cast(image > 0, sitk.sitkUInt8)
         small = sitk.Shrink(image, [self.shrink] * 3) if self.shrink > 1 else image
         small_mask = sitk.Shrink(mask, [self.shrink] * 3) if self.shrink > 1 else mask
         corrector = sitk.N4BiasFieldCorrectionImageFilter()
