@@ -4,7 +4,7 @@ MSMA (score norms) and the simple baseline (intensity and size features)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
