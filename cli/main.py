@@ -240,6 +240,9 @@ def evaluate(
                            intersection=intersection)
     if "runs" in metrics:
         out_console.print(comparison_table(metrics))
+        per_slice = comparison_table(metrics, per_slice=True)
+        if per_slice is not None:
+            out_console.print(per_slice)
     else:
         for table in metrics_tables(metrics):
             out_console.print(table)

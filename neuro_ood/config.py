@@ -74,7 +74,7 @@ class PreprocessingConfig:
 class ModelConfig:
     """The backbone of a method.
 
-    MSMA: a noise-conditional score network (``backbone`` unet | diffusion_unet, ``channels``,
+    MSMA: a noise-conditional score network (``backbone`` unet | cond_unet | diffusion_unet, ``channels``,
     ``strides``, ``num_res_units``) and its noise schedule (L geometric sigmas).
     Glow: ``n_scales`` × ``steps_per_scale`` flow steps with coupling width ``hidden``; ``lu``
     (LU-decomposed 1×1 convolutions), ``learned_prior`` (conditional prior instead of independent
@@ -178,6 +178,28 @@ class FAnoGANConfig:
     betas: list[float] = field(default_factory=lambda: [0.0, 0.9])
 
 
+@dataclass
+class MSMAConfig:
+    """What MSMA takes from each slice's scores σ_i s_θ(x, σ_i), i = 1…L (``features``, concatenated
+    in this order into the vector the auxiliary scorers see):
+
+    - ``norms``: ‖σ_i s_θ(x, σ_i)‖₂ over the image, the paper's L-vector (its only feature);
+    - ``band_means``: per level, the signed mean of σ_i s_θ over the voxels whose intensity lies in
+      each of ``bands`` equal-width intensity bands of ``band_range`` (tissue classes, roughly: which
+      way, and how far, the model would move each tissue's intensity) — L × bands values;
+    - ``band_rms``: the root-mean-square of σ_i s_θ over the same bands — L × bands values.
+
+    ``paper_scores``: with features other than ``[norms]``, also fit the scorers on the L norms
+    alone and report them as ``paper_<scorer>`` (``paper_gmm``, …), the paper's own numbers from the
+    same network.
+    """
+
+    features: list[str] = field(default_factory=lambda: ["norms"])
+    bands: int = 8
+    band_range: list[float] = field(default_factory=lambda: [0.1, 1.0])
+    paper_scores: bool = True
+
+
 def _default_scorers() -> dict[str, dict[str, Any]]:
     return {"gmm": {}, "maf": {}, "knn": {}}
 
@@ -199,6 +221,7 @@ class ExperimentConfig:
     images: ImagesConfig = field(default_factory=ImagesConfig)
     resnet: ResNetConfig = field(default_factory=ResNetConfig)
     fanogan: FAnoGANConfig = field(default_factory=FAnoGANConfig)
+    msma: MSMAConfig = field(default_factory=MSMAConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -275,7 +298,7 @@ AGE_UNITS = ("auto", "years", "months", "weeks", "days")
 # Also accepted, as neuro_ood.data.cohort reads them (case-insensitive): singular and one-letter forms.
 _AGE_UNIT_ALIASES = ("year", "y", "month", "m", "week", "w", "day", "d")
 MODALITIES = ("t1", "t1ce", "t2", "flair")
-BACKBONES = ("unet", "diffusion_unet")
+BACKBONES = ("unet", "cond_unet", "diffusion_unet")
 GLOW_VARIANTS = ("multiscale", "local", "fc")
 OUTLIER_LOSSES = ("ratio", "margin")
 AUGMENTATIONS = ("translate", "flip")
@@ -285,6 +308,7 @@ IMAGE_FITS = ("resize", "pad")
 REGISTRATIONS = ("none", "mni152")
 STANDARDISATIONS = ("percentile", "white_matter")
 IMAGE_CHANNELS = (None, 1, 3)
+MSMA_FEATURES = ("norms", "band_means", "band_rms")
 RESNET_DEPTHS = (10, 18, 34, 50)
 #: Registry names of neuro_ood.scorers.SCORERS (not imported here: the scorers pull in torch).
 SCORER_NAMES = ("gmm", "knn", "maf")
@@ -333,6 +357,8 @@ def _check_choices(cfg: "ExperimentConfig", problems: list[str]) -> None:
     _one_of(problems, "images.fit", i.fit, IMAGE_FITS)
     _one_of(problems, "images.channels", i.channels, IMAGE_CHANNELS)
     _one_of(problems, "resnet.depth", cfg.resnet.depth, RESNET_DEPTHS)
+    for k, name in enumerate(cfg.msma.features):
+        _one_of(problems, f"msma.features[{k}]", name, MSMA_FEATURES)
     if cfg.method in ("msma", "simple") and cfg.score.primary not in cfg.scorers:
         problems.append(f"score.primary must be one of the {cfg.method} scorers ({', '.join(sorted(cfg.scorers))}), "
                         f"got {cfg.score.primary!r}")
@@ -358,11 +384,17 @@ def _check_shapes(cfg: "ExperimentConfig", problems: list[str]) -> None:
                         f"{m.sigma_min}, sigma_max {m.sigma_max}, num_sigmas {m.num_sigmas}")
     if not m.channels or min(m.channels) < 1:
         problems.append(f"model.channels must be positive channel counts, got {m.channels}")
-    elif cfg.method == "msma" and m.backbone == "unet" and len(m.strides) != len(m.channels) - 1:
+    elif cfg.method == "msma" and m.backbone in ("unet", "cond_unet") and len(m.strides) != len(m.channels) - 1:
         problems.append(f"model.strides must have one stride per level after the first "
                         f"(len(model.channels) - 1 = {len(m.channels) - 1}), got {m.strides}")
     if m.patch < 2 or m.patch % 2:
         problems.append(f"model.patch must be an even number ≥ 2, got {m.patch}")
+    msma = cfg.msma
+    if not msma.features or len(set(msma.features)) != len(msma.features):
+        problems.append(f"msma.features must name each feature once, at least one, got {msma.features}")
+    if msma.bands < 1 or len(msma.band_range) != 2 or not msma.band_range[0] < msma.band_range[1]:
+        problems.append(f"msma needs bands ≥ 1 and band_range [low, high] with low < high, got bands "
+                        f"{msma.bands}, band_range {msma.band_range}")
     betas = cfg.fanogan.betas
     if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
         problems.append(f"fanogan.betas must be Adam's [beta1, beta2], each in [0, 1), got {betas}")

@@ -17,6 +17,23 @@ from neuro_ood.backbones.glow import bits_per_dim
 from neuro_ood.backbones.glow_inputs import center_bins, dequantize, to_glow_input
 
 
+def _scaled_scores(model: nn.Module, x: torch.Tensor | np.ndarray, sigmas: torch.Tensor, batch_size: int):
+    """Yield ``(batch (b, C, *spatial), σ_i s_θ(batch, σ_i) (b, L, C, *spatial))`` over ``x`` on the
+    model's device; all L levels of a batch go through the network in one pass (the batch is
+    repeated L times, image-major)."""
+    model.eval()
+    device = next(model.parameters()).device
+    x = torch.as_tensor(x, dtype=torch.float32)
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float32, device=device)
+    levels = len(sigmas)
+    step = max(1, batch_size // levels)
+    for start in range(0, len(x), step):
+        batch = x[start:start + step].to(device)
+        sigma = sigmas.repeat(len(batch))                            # (b*L,)
+        scaled = model(batch.repeat_interleave(levels, dim=0), sigma) * sigma.view(-1, *([1] * (batch.dim() - 1)))
+        yield batch, scaled.view(len(batch), levels, *batch.shape[1:])
+
+
 @torch.no_grad()
 def score_norms(model: nn.Module, x: torch.Tensor | np.ndarray, sigmas: torch.Tensor,
                 batch_size: int = 64, return_maps: bool = False):
@@ -35,24 +52,70 @@ def score_norms(model: nn.Module, x: torch.Tensor | np.ndarray, sigmas: torch.Te
     maps : float32 array ``(N, L, *spatial)``, only with ``return_maps``: the per-voxel norm of
         σ_i s_θ over channels, the voxel-level view of the same quantity.
     """
-    model.eval()
-    device = next(model.parameters()).device
-    x = torch.as_tensor(x, dtype=torch.float32)
-    sigmas = torch.as_tensor(sigmas, dtype=torch.float32, device=device)
     levels = len(sigmas)
     norms, maps = [], []
-    for start in range(0, len(x), max(1, batch_size // levels)):
-        batch = x[start:start + max(1, batch_size // levels)].to(device)
-        repeated = batch.repeat_interleave(levels, dim=0)          # (b*L, C, ...): image-major
-        sigma = sigmas.repeat(len(batch))                            # (b*L,)
-        scaled = model(repeated, sigma) * sigma.view(-1, *([1] * (batch.dim() - 1)))
-        norms.append(scaled.flatten(1).norm(dim=1).view(len(batch), levels).cpu().double())
+    for _, scaled in _scaled_scores(model, x, sigmas, batch_size):
+        norms.append(scaled.flatten(2).norm(dim=2).cpu().double())
         if return_maps:
-            maps.append(scaled.norm(dim=1).view(len(batch), levels, *batch.shape[2:]).cpu())
+            maps.append(scaled.norm(dim=2).cpu())
     norms = torch.cat(norms).numpy() if norms else np.zeros((0, levels))
     if return_maps:
         return norms, torch.cat(maps).numpy()
     return norms
+
+
+#: Per-slice MSMA features (``msma.features``), see :func:`score_features`.
+SCORE_FEATURES = ("norms", "band_means", "band_rms")
+
+
+def score_feature_size(kinds, levels: int, channels: int, bands: int) -> int:
+    """Length of a :func:`score_features` row."""
+    return sum(levels if kind == "norms" else levels * channels * bands for kind in kinds)
+
+
+@torch.no_grad()
+def score_features(model: nn.Module, x: torch.Tensor | np.ndarray, sigmas: torch.Tensor,
+                   kinds=("norms",), bands: int = 8, band_range=(0.1, 1.0), batch_size: int = 64) -> np.ndarray:
+    """Per-image features of the scaled scores σ_i s_θ(x, σ_i), concatenated in the order of ``kinds``.
+
+    - ``norms``: ``(L,)`` ‖σ_i s_θ‖₂ over the image (:func:`score_norms`; the paper's feature);
+    - ``band_means``: ``(L, C, bands)`` the signed mean of σ_i s_θ over the voxels of channel c
+      whose intensity x_c lies in each of ``bands`` equal-width bands of ``band_range`` (the last
+      band includes its upper edge; voxels outside the range are in no band; an empty band gives 0);
+    - ``band_rms``: ``(L, C, bands)`` the root-mean-square of σ_i s_θ over the same voxels.
+
+    The global norm averages where the score is large with where it is not; the band statistics
+    keep, per tissue-like intensity class, which way and how strongly the model would move it.
+    ``x`` ``(N, C, *spatial)`` in the preprocessing's [0, 1] scale -> float64 ``(N, F)``,
+    F = :func:`score_feature_size`.
+    """
+    unknown = [k for k in kinds if k not in SCORE_FEATURES]
+    if unknown:
+        raise ValueError(f"unknown score feature(s) {unknown}; use {', '.join(SCORE_FEATURES)}")
+    x = torch.as_tensor(x, dtype=torch.float32)
+    levels, channels = len(sigmas), (x.shape[1] if x.dim() > 1 else 1)
+    edges = torch.linspace(float(band_range[0]), float(band_range[1]), bands + 1)
+    rows = []
+    for batch, scaled in _scaled_scores(model, x, sigmas, batch_size):
+        parts = []
+        band = torch.bucketize(batch.contiguous(), edges.to(batch.device), right=True) - 1   # (b, C, *spatial)
+        band[batch == edges[-1]] = bands - 1
+        in_band = torch.stack([band == k for k in range(bands)], dim=2).float()   # (b, C, bands, *spatial)
+        count = in_band.flatten(3).sum(3).unsqueeze(1)                            # (b, 1, C, bands)
+        masks = in_band.unsqueeze(1)                                               # (b, 1, C, bands, *spatial)
+        for kind in kinds:
+            if kind == "norms":
+                parts.append(scaled.flatten(2).norm(dim=2))
+            elif kind == "band_means":
+                total = (scaled.unsqueeze(3) * masks).flatten(4).sum(4)            # (b, L, C, bands)
+                parts.append((total / count.clamp(min=1)).flatten(1))
+            else:
+                total = (scaled.unsqueeze(3).square() * masks).flatten(4).sum(4)
+                parts.append((total / count.clamp(min=1)).sqrt().flatten(1))
+        rows.append(torch.cat(parts, dim=1).cpu().double())
+    if not rows:
+        return np.zeros((0, score_feature_size(kinds, levels, channels, bands)))
+    return torch.cat(rows).numpy()
 
 
 NONFINITE_LOGLIK = -3e6

@@ -24,7 +24,8 @@ CAPTION = ("inliers positive; higher is better for AUROC/AUPR, lower for FPR at 
 
 
 def metrics_tables(metrics: dict[str, Any]) -> list[Table]:
-    """One table per scorer: a row per group, the paper's metrics in percent."""
+    """One table per scorer: a row per group, the paper's metrics in percent; where the run kept
+    per-slice scores, a second row per group scores slices (the MSMA paper's unit) instead of scans."""
     groups = metrics["groups"]
     scorers = list(next(iter(groups.values()))["scorers"]) if groups else []
     n_in = metrics.get("inliers", {}).get("n", "?")
@@ -35,12 +36,17 @@ def metrics_tables(metrics: dict[str, Any]) -> list[Table]:
         table = Table(title=f"{method} {scorer}: held-out inliers (n={n_in}) vs {group_by} group, per {unit}, %",
                       caption=CAPTION)
         table.add_column("age (y)" if group_by == "age" else group_by, justify="right")
+        table.add_column("unit")
         table.add_column("n", justify="right")
         for _, header in METRIC_COLUMNS:
             table.add_column(header, justify="right")
         for group, entry in groups.items():
             values = entry["scorers"][scorer]
-            table.add_row(group, str(entry["n"]), *(f"{100 * values[k]:.1f}" for k, _ in METRIC_COLUMNS))
+            table.add_row(group, unit, str(entry["n"]), *(f"{100 * values[k]:.1f}" for k, _ in METRIC_COLUMNS))
+            if scorer in entry.get("slice_scorers", {}):
+                values = entry["slice_scorers"][scorer]
+                table.add_row("", "slice", str(entry["n_slices"]),
+                              *(f"{100 * values[k]:.1f}" for k, _ in METRIC_COLUMNS))
         tables.append(table)
     return tables
 
@@ -98,26 +104,32 @@ def bpd_table(report: dict[str, Any]) -> Table:
     return table
 
 
-def comparison_table(metrics: dict[str, Any], metric: str = "auroc") -> Table:
+def comparison_table(metrics: dict[str, Any], metric: str = "auroc", per_slice: bool = False) -> Table | None:
     """Several runs side by side: a row per method × score, a column per group; ``*`` marks a group
-    the method saw in training (the ResNet baseline's outlier group)."""
+    the method saw in training (the ResNet baseline's outlier group). ``per_slice``: the slice-level
+    metrics instead (the MSMA paper's unit), of the runs that kept them; None where none did."""
     runs = metrics["runs"]
+    key, n_key = ("slice_scorers", "n_slices") if per_slice else ("scorers", "n")
+    runs = {label: run for label, run in runs.items() if key in next(iter(run["groups"].values()), {})}
+    if not runs:
+        return None
     groups = list(next(iter(runs.values()))["groups"])
-    unit, group_by = metrics.get("unit", "scan"), metrics.get("group_by", "age")
-    n_in = next(iter(runs.values()))["inliers"]["n"]
+    unit = "slice" if per_slice else metrics.get("unit", "scan")
+    group_by = metrics.get("group_by", "age")
+    n_in = next(iter(runs.values()))["inliers"][n_key]
     table = Table(title=f"{dict(METRIC_COLUMNS)[metric]} (%) per {unit}: held-out inliers (n={n_in}) vs "
                         f"{group_by} group", caption="* group seen in training (classifier baseline)")
     table.add_column("method")
     table.add_column("score")
     for group in groups:
-        n = next(iter(runs.values()))["groups"][group]["n"]
+        n = next(iter(runs.values()))["groups"][group][n_key]
         table.add_column(f"{group} (n={n})", justify="right")
     for label, run in runs.items():
-        scorers = list(next(iter(run["groups"].values()))["scorers"])
+        scorers = list(next(iter(run["groups"].values()))[key])
         for scorer in scorers:
             cells = []
             for group in groups:
-                value = f"{100 * run['groups'][group]['scorers'][scorer][metric]:.1f}"
+                value = f"{100 * run['groups'][group][key][scorer][metric]:.1f}"
                 cells.append(value + ("*" if group in run.get("seen_groups", []) else ""))
             table.add_row(escape(label), scorer, *cells)
     return table

@@ -100,15 +100,18 @@ def batched(fn: Callable[[np.ndarray], dict[str, np.ndarray]], images: np.ndarra
 
 
 def score_items(detector, items: Sequence[Item], chunk: int = 64, console: Console | None = None,
-                description: str = "scoring") -> dict[str, np.ndarray]:
+                description: str = "scoring", slices: dict | None = None) -> dict[str, np.ndarray]:
     """Each of the detector's scores per item: the mean of the item's slice scores.
 
     Slice scores are log-densities or negative distances (higher = more typical); for a density
     their mean is the average per-slice log-likelihood with slices taken as independent, which
-    ranks items like the sum while staying on the per-slice scale.
+    ranks items like the sum while staying on the per-slice scale. Pass a dict as ``slices`` to
+    also get the slice scores themselves: it receives ``{name: (S_total,)}`` in item order.
     """
     if not items:
         return {}
     slice_scores = batched(detector.score_samples, np.concatenate([item.slices for item in items]), chunk, console, description)
+    if slices is not None:
+        slices.update(slice_scores)
     bounds = np.cumsum([len(item.slices) for item in items])[:-1]
     return {name: np.array([s.mean() for s in np.split(values, bounds)]) for name, values in slice_scores.items()}

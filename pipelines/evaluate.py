@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 from rich.console import Console
 
 from neuro_ood.config import ExperimentConfig
@@ -15,7 +16,7 @@ from neuro_ood.errors import CohortError, ConfigError, RunError
 from neuro_ood.metrics import ood_metrics
 from neuro_ood.pipelines.common import prepare_items, score_items
 from neuro_ood.pipelines.datasets import dataset_adapter
-from neuro_ood.pipelines.reference import reference_scores
+from neuro_ood.pipelines.reference import reference_scores, reference_slice_scores
 from neuro_ood.pipelines.rundir import RunDir
 
 
@@ -102,11 +103,16 @@ def evaluate(run_dirs: str | Path | Sequence[str | Path], data_dir: str | Path, 
             raise CohortError(f"{data_dir}: nothing to evaluate — every item is in the runs' training splits "
                               f"or reference, or has no {adapter.group_by}")
         detector = loaded.run.load_detector(loaded.cfg)
-        scores = score_items(detector, items, console=console, description=f"score groups ({label})")
+        slice_scores: dict = {}
+        scores = score_items(detector, items, console=console, description=f"score groups ({label})",
+                             slices=slice_scores)
         members: dict[str, list[int]] = defaultdict(list)
         for index, item in enumerate(items):
             members[item.group].append(index)
+        slice_item = np.repeat(np.arange(len(items)), [len(item.slices) for item in items])
         inliers = reference_scores(loaded.reference, keep)
+        # Per-slice rows (the MSMA paper's unit) where items hold several slices and the run kept them.
+        inlier_slices = reference_slice_scores(loaded.reference, keep) if len(slice_item) > len(items) else None
         groups = {}
         for group in sorted(members, key=_group_order):
             index = members[group]
@@ -114,7 +120,17 @@ def evaluate(run_dirs: str | Path | Sequence[str | Path], data_dir: str | Path, 
             group_inliers = detector.group_view(inliers, group)
             groups[group] = {"n": len(index), "scorers": {
                 name: ood_metrics(group_inliers[name], values) for name, values in group_scores.items()}}
-        per_run[label] = {"run": str(loaded.run.path), "inliers": {"n": len(keep)}, "groups": groups,
+            if inlier_slices is not None:
+                in_group = np.isin(slice_item, index)
+                group_slices = detector.group_view({n: v[in_group] for n, v in slice_scores.items()}, group)
+                group_inlier_slices = detector.group_view(inlier_slices, group)
+                groups[group]["n_slices"] = int(in_group.sum())
+                groups[group]["slice_scorers"] = {name: ood_metrics(group_inlier_slices[name], values)
+                                                  for name, values in group_slices.items()}
+        inlier_counts = {"n": len(keep)}
+        if inlier_slices is not None:
+            inlier_counts["n_slices"] = len(next(iter(inlier_slices.values())))
+        per_run[label] = {"run": str(loaded.run.path), "inliers": inlier_counts, "groups": groups,
                           "seen_groups": list(detector.seen_groups)}
 
     first = next(iter(per_run.values()))

@@ -134,8 +134,10 @@ def train(cfg: ExperimentConfig, data_dir: str | Path, out: str | Path, cache_di
     with ConsoleProgress(console) as progress:
         detector.fit(images, groups=groups, checkpoint_dir=run.path, resume=resume, progress=progress, **extra)
     detector.save(run.path)
-    held_scores = score_items(detector, held_items, console=console, description="score held-out")
-    reference = build_reference(held_scores, held_items, cfg.score.tpr)
+    held_slice_scores: dict[str, np.ndarray] = {}
+    held_scores = score_items(detector, held_items, console=console, description="score held-out",
+                              slices=held_slice_scores)
+    reference = build_reference(held_scores, held_items, cfg.score.tpr, held_slice_scores)
     domain = fit_domain_model(train_items, held_items, cfg.score.tpr)
     if domain is not None:
         save_domain_model(run.path, domain[0])

@@ -26,6 +26,7 @@ TINY_OVERRIDES = [
     "scorers.gmm={n_components: [1, 2], cv: 3, n_jobs: 1}",
     "scorers.maf={epochs: 3, hidden_features: 16}",
     "scorers.knn={n_neighbors: 3}",
+    "msma.bands=3",
 ]
 
 

@@ -26,7 +26,8 @@ def test_train_writes_a_complete_run(trained_run):
     split = json.loads((trained_run / "split.json").read_text())
     assert not set(split["train"]) & set(split["heldout"])
     reference = json.loads((trained_run / "reference.json").read_text())
-    assert set(reference["scorers"]) == {"gmm", "maf", "knn"}
+    # msma_quick's band features, and the paper's L norms scored beside them
+    assert set(reference["scorers"]) == {"gmm", "maf", "knn", "paper_gmm", "paper_maf", "paper_knn"}
     assert len(reference["scorers"]["gmm"]["scores"]) == len(split["heldout"]) == len(reference["items"])
 
 
@@ -38,10 +39,13 @@ def test_evaluate_by_age_writes_metrics_json(trained_run, tiny_cohort):
     assert set(metrics["groups"]) == {"1", "6"}
     for group in metrics["groups"].values():
         assert group["n"] == 4
-        assert set(group["scorers"]) == {"gmm", "maf", "knn"}
-        for values in group["scorers"].values():
+        assert set(group["scorers"]) == {"gmm", "maf", "knn", "paper_gmm", "paper_maf", "paper_knn"}
+        # per-slice rows beside the per-scan ones: 3 slices per scan
+        assert group["n_slices"] == 12 and set(group["slice_scorers"]) == set(group["scorers"])
+        for values in [*group["scorers"].values(), *group["slice_scorers"].values()]:
             for key in ("auroc", "aupr_in", "aupr_out", "fpr_at_95_tpr", "detection_error"):
                 assert 0.0 <= values[key] <= 1.0
+    assert "per slice" in result.output or "slice" in result.output
     # direction: 1-year-olds score clearly below the held-out inliers with every scorer
     assert all(values["auroc"] > 0.9 for values in metrics["groups"]["1"]["scorers"].values())
 
@@ -75,7 +79,7 @@ def test_score_json_gives_scores_percentiles_and_flags(trained_run, tiny_cohort)
     payload = json.loads(result.stdout)
     assert len(payload["scans"]) == 2 and payload["failed"] == []
     for entry in payload["scans"]:
-        assert set(entry["scores"]) == {"gmm", "maf", "knn"}
+        assert set(entry["scores"]) == {"gmm", "maf", "knn", "paper_gmm", "paper_maf", "paper_knn"}
         assert all(0 <= p <= 100 for p in entry["percentiles"].values())
         assert isinstance(entry["flagged"], bool)
 

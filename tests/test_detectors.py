@@ -137,3 +137,25 @@ def test_simple_detector_takes_volumes_and_scores_the_size_cue(tmp_path):
         assert loaded.score_samples(small)[name].max() < loaded.score_samples(volumes)[name].min(), name
     with pytest.raises(ValueError, match="fitted on inputs"):
         loaded.score_samples(blobs(2, 0))                   # 2-D slices into a 3-D detector
+
+
+def test_msma_band_features_score_beside_the_papers_norms(tmp_path):
+    from neuro_ood.features import score_norms
+    from neuro_ood.scorers import KNNScorer
+
+    cfg = config_from_dict({**TINY["msma"], "method": "msma", "msma": {"features": ["band_means", "band_rms"], "bands": 3},
+                            "training": {"steps": 4, "batch_size": 8, "checkpoint_every": 4, "device": "cpu"}})
+    x, test = blobs(24, 0), blobs(6, 2)
+    detector = build_detector(cfg).fit(x, groups=np.repeat(np.arange(8), 3))
+    assert detector.features(test).shape == (6, 2 * 10 * 3 + 10)   # bands, then the paper's norms
+    scores = detector.score_samples(test)
+    assert set(scores) == {"gmm", "knn", "paper_gmm", "paper_knn"}
+    # paper_* are the scorers on the L norms alone, as a features: [norms] run would fit them
+    norms = score_norms(detector.scoring_network, x, detector.sigmas)
+    expected = KNNScorer(3).fit(norms).score_samples(score_norms(detector.scoring_network, test, detector.sigmas))
+    np.testing.assert_allclose(scores["paper_knn"], expected, rtol=1e-6)
+    assert not np.allclose(scores["knn"], scores["paper_knn"])
+    detector.save(tmp_path)
+    again = load_detector(tmp_path, "cpu").score_samples(test)
+    for name in scores:
+        np.testing.assert_allclose(again[name], scores[name], rtol=1e-5, atol=1e-6)

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from neuro_ood.backbones.cond_unet import ConditionalInstanceNorm
 from neuro_ood.backbones.ncsn import NoiseConditionalScoreNet, geometric_sigmas
 from neuro_ood.features import score_norms
 from neuro_ood.losses import dsm_loss
@@ -40,7 +41,7 @@ def test_dsm_loss_of_a_zero_score_is_half_the_dimension():
     assert loss.item() == pytest.approx(12 / 2, rel=0.03)
 
 
-@pytest.mark.parametrize("backbone,channels", [("unet", (4, 8)), ("diffusion_unet", (8, 8))])
+@pytest.mark.parametrize("backbone,channels", [("unet", (4, 8)), ("cond_unet", (4, 8)), ("diffusion_unet", (8, 8))])
 def test_score_network_keeps_odd_shapes_and_depends_on_sigma(backbone, channels):
     torch.manual_seed(0)
     net = NoiseConditionalScoreNet(spatial_dims=2, in_channels=2, backbone=backbone, channels=channels,
@@ -55,9 +56,43 @@ def test_score_network_keeps_odd_shapes_and_depends_on_sigma(backbone, channels)
     assert not torch.allclose(0.01 * low, 1.0 * high)
 
 
-def test_score_network_handles_volumes():
-    net = NoiseConditionalScoreNet(spatial_dims=3, in_channels=1, channels=(4, 8), strides=(2,))
+@pytest.mark.parametrize("backbone", ["unet", "cond_unet"])
+def test_score_network_handles_volumes(backbone):
+    net = NoiseConditionalScoreNet(spatial_dims=3, in_channels=1, backbone=backbone, channels=(4, 8), strides=(2,))
     assert net(torch.rand(2, 1, 9, 10, 11), torch.tensor([0.1, 0.5])).shape == (2, 1, 9, 10, 11)
+
+
+def test_cond_unet_conditions_every_normalisation_on_sigma():
+    # The plain UNet's instance norms would remove a constant log-σ channel; here every one of
+    # them is replaced, and each one's output moves with σ once its FiLM layer has weights.
+    torch.manual_seed(0)
+    net = NoiseConditionalScoreNet(spatial_dims=2, backbone="cond_unet", channels=(4, 8, 16), strides=(2, 2))
+    norms = [m for m in net.modules() if isinstance(m, ConditionalInstanceNorm)]
+    assert len(norms) == net.net.n_conditioned > 0
+    assert not any(isinstance(m, torch.nn.modules.instancenorm._InstanceNorm) for m in net.modules())
+    with torch.no_grad():
+        for norm in norms:
+            norm.film.weight.normal_(0, 0.1)
+    outputs = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, k=k: outputs.setdefault(k, []).append(o)) for k, m in enumerate(norms)]
+    x = torch.rand(2, 1, 16, 16)
+    net(x, torch.full((2,), 0.01))
+    net(x, torch.full((2,), 1.0))
+    for hook in hooks:
+        hook.remove()
+    for k, (low, high) in outputs.items():
+        assert (low - high).abs().max() > 1e-3, f"normalisation {k} does not depend on sigma"
+
+
+def test_trained_cond_unet_scores_differ_across_sigma():
+    torch.manual_seed(0)
+    images = torch.rand(64, 1, 16, 16) * 0.2 + torch.linspace(0, 0.8, 16).view(1, 1, 1, 16)
+    net = NoiseConditionalScoreNet(spatial_dims=2, backbone="cond_unet", channels=(8, 16), strides=(2,))
+    sigmas = geometric_sigmas()
+    train_score_network(net, images, sigmas, until=60, batch_size=16)
+    norms = score_norms(net, images[:8], sigmas)           # (8, L) ‖σ s(x, σ)‖
+    relative = np.abs(norms[:, 0] - norms[:, -1]) / norms.mean(axis=1)
+    assert relative.mean() > 0.1
 
 
 def test_score_norms_batched_pass_equals_a_loop_over_levels():

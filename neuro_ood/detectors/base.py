@@ -52,7 +52,7 @@ Progress = Callable[[str, int, int, float], None]
 
 WEIGHTS, META, TRAIN_STATE = "model.safetensors", "model.json", "train_state.pt"
 #: Config sections stored beside the weights: the architecture plus what scoring reads.
-STORED_SECTIONS = (*NETWORK_SECTIONS, "training", "scorers")
+STORED_SECTIONS = (*NETWORK_SECTIONS, "training", "scorers", "msma")
 
 
 def _no_progress(stage: str, done: int, total: int, loss: float) -> None:

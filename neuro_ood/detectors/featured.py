@@ -16,7 +16,9 @@ class FeatureScorerDetector(Detector):
     """Scores: one per configured auxiliary scorer (``cfg.scorers``: ``gmm``, ``maf``, ``knn``),
     each a log-density or a negative distance of the row's feature vector (higher = more typical).
     Subclasses give :meth:`row_features` and call :meth:`fit_scorers` at the end of ``fit``; the
-    fitted scorers are saved beside the detector's other state (``scorers.*``)."""
+    fitted scorers are saved beside the detector's other state (``scorers.*``). A subclass may fit
+    the scorers on several column sets of the features (:meth:`feature_views`), each scorer named
+    with its view's prefix (MSMA: ``gmm`` on its configured features, ``paper_gmm`` on the paper's)."""
 
     def __init__(self, cfg, device=None):
         super().__init__(cfg, device)
@@ -36,20 +38,33 @@ class FeatureScorerDetector(Detector):
             progress(stage, min(start + chunk, len(x)), len(x), float("nan"))
         return np.concatenate(rows) if rows else self.row_features(x[:0])
 
+    def feature_views(self, features: np.ndarray) -> dict[str, np.ndarray]:
+        """``{prefix: (N, F')}``: the column sets of ``features (N, F)`` the scorers are fitted on;
+        the scorers of view ``p`` are named ``p + <scorer>``. One view, all columns, by default."""
+        return {"": features}
+
+    def _view_of(self, scorer_name: str, prefixes) -> str:
+        for prefix in sorted(prefixes, key=len, reverse=True):
+            if scorer_name.startswith(prefix) and scorer_name[len(prefix):] in self.cfg.scorers:
+                return prefix
+        return ""
+
     def fit_scorers(self, features: np.ndarray, groups: Sequence[str] | None, progress: Progress | None) -> None:
-        """Fit every configured scorer on the inliers' ``features (N, F)``; ``groups (N,)`` keeps a
-        subject's rows in one CV fold of the GMM search."""
+        """Fit every configured scorer on each view of the inliers' ``features (N, F)``; ``groups (N,)``
+        keeps a subject's rows in one CV fold of the GMM search."""
         progress = progress or _no_progress
         self.scorers = {}
-        for name, params in self.cfg.scorers.items():
-            progress(f"fit {name}", 0, 1, float("nan"))
-            self.scorers[name] = build_scorer(name, **params).fit(
-                features, groups=None if groups is None else np.asarray(groups))
-            progress(f"fit {name}", 1, 1, float("nan"))
+        for prefix, view in self.feature_views(features).items():
+            for name, params in self.cfg.scorers.items():
+                label = prefix + name
+                progress(f"fit {label}", 0, 1, float("nan"))
+                self.scorers[label] = build_scorer(name, **params).fit(
+                    view, groups=None if groups is None else np.asarray(groups))
+                progress(f"fit {label}", 1, 1, float("nan"))
 
     def score_samples(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        features = self.features(x)
-        return {name: scorer.score_samples(features) for name, scorer in self.scorers.items()}
+        views = self.feature_views(self.features(x))
+        return {name: scorer.score_samples(views[self._view_of(name, views)]) for name, scorer in self.scorers.items()}
 
     def _save_extra(self, directory: Path) -> None:
         if self.scorers:
