@@ -36,6 +36,7 @@ from types import SimpleNamespace
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+import torch
 from rich.console import Console
 from rich.progress import TimeRemainingColumn
 from sklearn.metrics import roc_curve
@@ -696,7 +697,8 @@ def _maps_and_planes(runs: Sequence[ReportRun], rows: Sequence[_Row], selected: 
                         continue
                     arrays_of = {row.digest: run.adapter.items(row.source, arrays)}
                 slices = arrays_of[row.digest][index].slices
-                heat = run.detector.maps(slices) if run.localises else None
+                with torch.inference_mode():
+                    heat = run.detector.maps(slices) if run.localises else None
                 if want_planes:
                     stored = {f"image{k}": p for k, p in enumerate(report_html.mid_planes(slices[:, 0]))}
                     if heat is not None:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+import torch
 from rich.console import Console
 
 from neuro_ood.errors import ConfigError, NeuroOODError
@@ -136,6 +137,8 @@ def score_scans(run_dir: str | Path, paths: Sequence[str | Path], cache_dir: str
             used[name] = used.get(name, 0) + 1
             if used[name] > 1:  # same file name in another folder: keep both maps
                 name = f"{name.removesuffix('.nii.gz').removesuffix('.nii')}_{used[name]}"
-            files = save_anomaly_maps(Path(maps_dir), name, item.slices, detector.maps(item.slices), spacing)
+            with torch.inference_mode():
+                heat = detector.maps(item.slices)
+            files = save_anomaly_maps(Path(maps_dir), name, item.slices, heat, spacing)
             map_files.extend(str(f) for f in files)
     return ScoreReport(results=results, failures=failures + prepared.failures, map_files=map_files, shard=manifest)

@@ -42,6 +42,7 @@ from safetensors.torch import load_file, save_file
 from neuro_ood.config import ExperimentConfig, config_from_dict
 from neuro_ood.devices import resolve_device
 from neuro_ood.errors import RunError
+from neuro_ood.inference import inference_network
 from neuro_ood.io import atomic_write, read_json, write_json
 from neuro_ood.networks import NETWORK_SECTIONS, build_network
 from neuro_ood.trainer import TrainState, ema_model, optimization_manager, train_loop
@@ -260,7 +261,8 @@ class Detector:
     def scoring_network(self) -> torch.nn.Module:
         """The network scores come from: the EMA weights when training kept an EMA."""
         network = self._ema.module if self._ema is not None else self.network
-        return network.eval()
+        network.eval()
+        return inference_network(network, self.cfg.score.precision, self.cfg.score.channels_last)
 
 
 def to_tensor(x: np.ndarray | torch.Tensor) -> torch.Tensor:
