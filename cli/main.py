@@ -50,14 +50,24 @@ def handles_errors(command):
 def _train(method: str | None, dataset: str | None, data_dir: Path, out: Path, config: str | None,
            overrides: list[str], resume: bool, cache_dir: Path | None) -> None:
     from neuro_ood.config import load_config
+    from neuro_ood.devices import resolve_device
     from neuro_ood.errors import ConfigError
     from neuro_ood.pipelines.train import train as run_train
+    from neuro_ood.trainer import distributed
 
     cfg = load_config(config or f"{method or 'msma'}_{dataset or 'abcd'}",
                       [*([f"dataset={dataset}"] if dataset else []), *overrides])
     if method is not None and cfg.method != method:
         raise ConfigError(f"{method} was asked for, but config {config} is a {cfg.method} config")
-    summary = run_train(cfg, data_dir, out, cache_dir=cache_dir, console=err_console, resume=resume)
+    # under torchrun: one process group for the run; ranks other than 0 print nothing and leave
+    # after training (the block ends early for them)
+    with distributed.launch(resolve_device(cfg.training.device)) as shard:
+        console = err_console if shard.rank == 0 else Console(stderr=True, quiet=True)
+        summary = run_train(cfg, data_dir, out, cache_dir=cache_dir, console=console, resume=resume)
+        _print_train_summary(cfg, summary)
+
+
+def _print_train_summary(cfg, summary) -> None:
     unit = "scans" if cfg.dataset == "abcd" else "slices"
     out_console.print(f"{summary.method} run saved to [bold]{summary.run}[/]: {summary.n_train_items} training "
                       f"{unit} ({summary.n_train_slices} slices), {summary.n_heldout_items} held out, "

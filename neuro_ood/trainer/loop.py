@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from neuro_ood.trainer.distributed import average_gradients
+
 
 @dataclass
 class TrainState:
@@ -59,12 +61,16 @@ OnCheckpoint = Callable[[TrainState], None]
 def optimization_manager(grad_clip: float | None = None) -> Callable[[torch.optim.Optimizer, torch.Tensor], bool]:
     """``optimize(optimizer, loss) -> bool``: zero the grads, backpropagate ``loss``, clip the
     gradient norm of the optimizer's parameters to ``grad_clip`` (if set), and step — unless a
-    gradient is non-finite, in which case the step is skipped and ``False`` returned."""
+    gradient is non-finite, in which case the step is skipped and ``False`` returned. In
+    distributed training the gradients are averaged over the processes after ``backward()``
+    (:func:`~neuro_ood.trainer.distributed.average_gradients`), so every process clips, checks and
+    steps on the same numbers."""
 
     def optimize(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> bool:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(params)
         grads = [p.grad for p in params if p.grad is not None]
         if grad_clip is not None and grad_clip > 0:
             norm = nn.utils.clip_grad_norm_(params, grad_clip)
