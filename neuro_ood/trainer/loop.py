@@ -3,8 +3,9 @@
 A method supplies a *step function* (one optimisation step on one batch, see
 :mod:`neuro_ood.trainer.steps`) and a *sampler* (draws that batch); :func:`train_loop` owns
 everything around them: where to resume, seeding, learning-rate warm-up, the EMA of the weights,
-progress reports and checkpoints. A distributed wrapper replaces the sampler (per-rank shards) and
-wraps the networks; the step functions stay as they are.
+progress reports and checkpoints. In distributed training (:mod:`neuro_ood.trainer.distributed`)
+the sampler and the generator stay as they are on every process (each draws the global batch),
+the step functions compute their process's share of it, and ``optimize`` averages the gradients.
 
 Seeding: a run that starts or resumes at step ``s`` draws its batches and noise from one CPU
 ``torch.Generator`` seeded with ``seed + s``, so a resumed run is reproducible too.
