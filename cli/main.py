@@ -23,6 +23,8 @@ err_console = Console(stderr=True)
 
 CacheOption = typer.Option(None, "--cache-dir", help="Preprocessed-tensor cache (default: $NEURO_OOD_CACHE "
                                                       "or ~/.cache/neuro-ood).")
+ShardOption = typer.Option(None, "--shard", help="I/N: score only the I-th of N deterministic shares of the inputs "
+                                                 "(numbered from 1, like SLURM_ARRAY_TASK_ID with --array=1-N).")
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -48,14 +50,24 @@ def handles_errors(command):
 def _train(method: str | None, dataset: str | None, data_dir: Path, out: Path, config: str | None,
            overrides: list[str], resume: bool, cache_dir: Path | None) -> None:
     from neuro_ood.config import load_config
+    from neuro_ood.devices import resolve_device
     from neuro_ood.errors import ConfigError
     from neuro_ood.pipelines.train import train as run_train
+    from neuro_ood.trainer import distributed
 
     cfg = load_config(config or f"{method or 'msma'}_{dataset or 'abcd'}",
                       [*([f"dataset={dataset}"] if dataset else []), *overrides])
     if method is not None and cfg.method != method:
         raise ConfigError(f"{method} was asked for, but config {config} is a {cfg.method} config")
-    summary = run_train(cfg, data_dir, out, cache_dir=cache_dir, console=err_console, resume=resume)
+    # under torchrun: one process group for the run; ranks other than 0 print nothing and leave
+    # after training (the block ends early for them)
+    with distributed.launch(resolve_device(cfg.training.device)) as shard:
+        console = err_console if shard.rank == 0 else Console(stderr=True, quiet=True)
+        summary = run_train(cfg, data_dir, out, cache_dir=cache_dir, console=console, resume=resume)
+        _print_train_summary(cfg, summary)
+
+
+def _print_train_summary(cfg, summary) -> None:
     unit = "scans" if cfg.dataset == "abcd" else "slices"
     out_console.print(f"{summary.method} run saved to [bold]{summary.run}[/]: {summary.n_train_items} training "
                       f"{unit} ({summary.n_train_slices} slices), {summary.n_heldout_items} held out, "
@@ -152,16 +164,20 @@ def score(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     maps: Optional[Path] = typer.Option(None, "--maps", help="Write voxel-level anomaly maps (NIfTI + PNG) "
                                                               "here (MSMA and f-AnoGAN runs)."),
+    shard: Optional[str] = ShardOption,
     cache_dir: Optional[Path] = CacheOption,
 ):
     """Score scans against a run's normative reference: score, percentile and flag per scorer."""
     from neuro_ood.pipelines.score import score_scans
+    from neuro_ood.pipelines.shards import parse_shard
     from neuro_ood.report import scores_table
 
-    report = score_scans(run, scans, cache_dir=cache_dir, console=err_console, maps_dir=maps)
+    report = score_scans(run, scans, cache_dir=cache_dir, console=err_console, maps_dir=maps,
+                         shard=parse_shard(shard))
     if as_json:
         payload = {"scans": [r.to_dict() for r in report.results],
-                   "failed": [{"path": p, "reason": r} for p, r in report.failures], "maps": report.map_files}
+                   "failed": [{"path": p, "reason": r} for p, r in report.failures], "maps": report.map_files,
+                   **({"shard": report.shard} if report.shard else {})}
         out_console.print_json(json.dumps(payload))
     elif report.results:
         out_console.print(scores_table(report.results))
@@ -188,28 +204,62 @@ def report(
     show: List[str] = typer.Option([], "--show", help="Also show this scan's thumbnail (glob or part of its "
                                                       "relative path); repeatable."),
     skip_trained: bool = typer.Option(False, "--skip-trained", help="Leave out the subjects a run trained on."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="I/N: score the I-th of N shares of the cohort "
+                                                              "(from 1) into OUT; `neuro-ood merge` joins the shards."),
     cache_dir: Optional[Path] = CacheOption,
 ):
     """Score a cohort with one or more runs into a report: report.html, scores.csv, report.json, maps."""
-    import signal
-
     from neuro_ood.pipelines.report import report as run_report
-
-    def stop(signum, frame):  # a kill (SIGTERM) stops like Ctrl-C: temporary files removed, one line
-        raise KeyboardInterrupt
+    from neuro_ood.pipelines.shards import parse_shard
 
     if workers < 1:
         fail(f"--workers {workers}: needs at least 1")
     if sample < 0:
         fail(f"--sample {sample}: needs 0 or more")
+    parsed = parse_shard(shard)
+    summary = _stoppable(lambda: run_report(cohort, runs, out, cache_dir=cache_dir, console=err_console,
+                                            workers=workers, maps=maps, sample=sample, show=show,
+                                            skip_trained=skip_trained, shard=parsed))
+    _print_report_summary(summary)
+
+
+@app.command()
+@handles_errors
+def merge(
+    shards: List[Path] = typer.Argument(..., help="The --out folders of `neuro-ood report --shard I/N`, all N."),
+    out: Path = typer.Option(..., "--out", help="Folder for the merged report.html, report.json, scores.csv, maps/."),
+    sample: int = typer.Option(12, "--sample", help="Unflagged scans shown as thumbnails besides the flagged."),
+    show: List[str] = typer.Option([], "--show", help="Also show this scan's thumbnail (glob or part of its "
+                                                      "relative path); repeatable."),
+    cache_dir: Optional[Path] = CacheOption,
+):
+    """Join the shards of `neuro-ood report --shard I/N` into one report, as if scored in one go."""
+    from neuro_ood.pipelines.merge import merge as run_merge
+
+    if sample < 0:
+        fail(f"--sample {sample}: needs 0 or more")
+    summary = _stoppable(lambda: run_merge(shards, out, cache_dir=cache_dir, console=err_console, sample=sample,
+                                           show=show))
+    _print_report_summary(summary)
+
+
+def _stoppable(call):
+    """``call()`` with a kill (SIGTERM) stopping it like Ctrl-C: temporary files removed, one line."""
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, stop) if main_thread else None
     try:
-        summary = run_report(cohort, runs, out, cache_dir=cache_dir, console=err_console, workers=workers, maps=maps,
-                             sample=sample, show=show, skip_trained=skip_trained)
+        return call()
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _print_report_summary(summary) -> None:
     for failure in summary.failures:
         err_console.print(f"[bold red]error:[/] {escape(failure['path'] + ': ' + failure['reason'])}",
                           highlight=False, soft_wrap=True)

@@ -144,10 +144,18 @@ class ImagesConfig:
 
 @dataclass
 class ScoreConfig:
-    """``primary``: scorer whose flag is the scan's flag; ``tpr``: inlier rate kept unflagged."""
+    """``primary``: scorer whose flag is the scan's flag; ``tpr``: inlier rate kept unflagged.
+    ``batch_slices``: slices handed to the detector per call when a pipeline scores items (the
+    network then runs ``training.feature_batch_size`` inputs per pass). MSMA only: ``precision``
+    of the network's forward pass (``fp32``; ``bf16`` autocast, score norms within about 1% of
+    fp32, fast on CPUs and GPUs with bfloat16 units only) and ``channels_last`` memory layout;
+    the features the scorers are fitted on are computed the same way, at training."""
 
     primary: str = "gmm"
     tpr: float = 0.95
+    batch_slices: int = 64
+    precision: str = "fp32"
+    channels_last: bool = False
 
 
 @dataclass
@@ -407,6 +415,13 @@ def _check_ranges(cfg: "ExperimentConfig") -> None:
     _check_shapes(cfg, problems)
     if not 0 < cfg.score.tpr <= 1:
         problems.append(f"score.tpr must be in (0, 1], got {cfg.score.tpr}")
+    if cfg.score.batch_slices < 1:
+        problems.append(f"score.batch_slices must be at least 1, got {cfg.score.batch_slices}")
+    if cfg.score.precision not in ("fp32", "bf16"):
+        problems.append(f"score.precision must be one of fp32, bf16, got {cfg.score.precision!r}")
+    elif (cfg.score.precision != "fp32" or cfg.score.channels_last) and cfg.method != "msma":
+        problems.append(f"score.precision: bf16 and score.channels_last are for msma runs; {cfg.method} scores "
+                        "stay fp32")
     if not 0 < cfg.data.heldout_fraction < 1:
         problems.append(f"data.heldout_fraction must be in (0, 1), got {cfg.data.heldout_fraction}")
     if len(cfg.data.inlier_ages) != 2 or cfg.data.inlier_ages[0] > cfg.data.inlier_ages[1]:

@@ -20,7 +20,8 @@ ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def dsm_loss(score_fn: ScoreFn, x: torch.Tensor, sigmas: torch.Tensor,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, rows: slice | None = None,
+             batch_size: int | None = None) -> torch.Tensor:
     """Noise-conditional denoising score-matching loss with λ(σ) = σ².
 
     Each example draws a level σ_i uniformly from ``sigmas`` and noise z ~ N(0, I); with
@@ -35,10 +36,17 @@ def dsm_loss(score_fn: ScoreFn, x: torch.Tensor, sigmas: torch.Tensor,
     score_fn : callable ``(x (B, C, *spatial), sigma (B,)) -> (B, C, *spatial)``.
     x : clean inputs ``(B, C, *spatial)``.
     sigmas : ``(L,)`` noise levels.
+    rows, batch_size : in distributed training ``x`` holds rows ``rows`` of a global batch of
+        ``batch_size``; the levels and the noise are drawn for the whole batch and these rows kept,
+        so each example gets what a single process would give it.
     """
-    index = torch.randint(len(sigmas), (x.shape[0],), generator=generator, device="cpu").to(x.device)
-    sigma = sigmas.to(x.device)[index]
-    noise = torch.randn(x.shape, generator=generator, device="cpu").to(x.device, x.dtype)
+    n = x.shape[0] if batch_size is None else batch_size
+    index = torch.randint(len(sigmas), (n,), generator=generator, device="cpu")
+    noise = torch.randn((n, *x.shape[1:]), generator=generator, device="cpu")
+    if rows is not None:
+        index, noise = index[rows], noise[rows]
+    sigma = sigmas.to(x.device)[index.to(x.device)]
+    noise = noise.to(x.device, x.dtype)
     sigma_b = sigma.view(-1, *([1] * (x.dim() - 1)))
     score = score_fn(x + sigma_b * noise, sigma)
     return 0.5 * (sigma_b * score + noise).pow(2).flatten(1).sum(dim=1).mean()
@@ -146,7 +154,8 @@ def margin_outlier_loss(log_p_in_inliers: torch.Tensor, log_p_in_outliers: torch
 
 
 def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+                     generator: torch.Generator | None = None, rows: slice | None = None,
+                     batch_size: int | None = None) -> torch.Tensor:
     """WGAN-GP penalty ``E[(‖∇_x̂ D(x̂)‖₂ − 1)²]`` (Gulrajani et al. 2017), a scalar with graph.
 
     Parameters
@@ -158,6 +167,8 @@ def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor,
     generator : torch.Generator, optional
         Random source (CPU) of the interpolation weights ``ε ~ U[0, 1]``, one per example;
         ``x̂ = ε·real + (1 − ε)·fake``.
+    rows, batch_size : rows ``rows`` of a global batch of ``batch_size`` (distributed training,
+        see :func:`dsm_loss`): ε is drawn for the whole batch and these rows kept.
 
     Returns
     -------
@@ -165,7 +176,8 @@ def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor,
         ``()``; computed with ``create_graph=True`` so that it can be backpropagated to the critic's
         parameters. The norm is ``sqrt(Σ g² + 1e-12)`` to keep its gradient finite at g = 0.
     """
-    eps = torch.rand(len(real), *([1] * (real.dim() - 1)), generator=generator).to(real.device, real.dtype)
+    eps = torch.rand(len(real) if batch_size is None else batch_size, *([1] * (real.dim() - 1)), generator=generator)
+    eps = (eps if rows is None else eps[rows]).to(real.device, real.dtype)
     x_hat = (eps * real.detach() + (1.0 - eps) * fake.detach()).requires_grad_(True)
     (grad,) = torch.autograd.grad(critic(x_hat).sum(), x_hat, create_graph=True)
     norm = torch.sqrt(grad.flatten(1).pow(2).sum(1) + 1e-12)
@@ -192,7 +204,8 @@ def izif_loss(x: torch.Tensor, encoder: nn.Module, generator: nn.Module, critic:
 
 
 def wgan_critic_loss(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, gp_weight: float,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+                     generator: torch.Generator | None = None, rows: slice | None = None,
+                     batch_size: int | None = None) -> torch.Tensor:
     """WGAN-GP critic loss ``mean D(fake) − mean D(real) + gp_weight · gradient_penalty``, a scalar with graph.
 
     Parameters
@@ -205,13 +218,15 @@ def wgan_critic_loss(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, 
         Weight of :func:`gradient_penalty` (10 in WGAN-GP and f-AnoGAN).
     generator : torch.Generator, optional
         Random source (CPU) of the penalty's interpolation weights.
+    rows, batch_size : passed to :func:`gradient_penalty` (distributed training).
 
     Returns
     -------
     Tensor
         ``()``, minimised over the critic's parameters.
     """
-    return critic(fake).mean() - critic(real).mean() + gp_weight * gradient_penalty(critic, real, fake, generator)
+    return critic(fake).mean() - critic(real).mean() + gp_weight * gradient_penalty(critic, real, fake, generator,
+                                                                           rows, batch_size)
 
 
 def wgan_generator_loss(critic: nn.Module, fake: torch.Tensor) -> torch.Tensor:

@@ -6,16 +6,11 @@ import gzip
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-import matplotlib
+import numpy as np
+from rich.markup import escape
+from rich.table import Table
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import nibabel as nib  # noqa: E402
-import numpy as np  # noqa: E402
-from rich.markup import escape  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from neuro_ood.io import atomic_write  # noqa: E402
+from neuro_ood.io import atomic_write
 
 METRIC_COLUMNS = (("auroc", "AUROC"), ("aupr_in", "AUPR-in"), ("aupr_out", "AUPR-out"),
                   ("fpr_at_95_tpr", "FPR95"), ("detection_error", "DetErr"), ("fpr_at_80_tpr", "FPR80"))
@@ -143,6 +138,8 @@ def save_anomaly_maps(out_dir: Path, name: str, slices: np.ndarray, maps: np.nda
     the maps as an ``(H, W, S)`` volume with in-plane voxel size ``spacing_mm``; the PNG shows each
     slice (first channel) beside its map. Returns the paths written.
     """
+    import nibabel as nib
+
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in name).removesuffix(".nii.gz")
     volume = np.ascontiguousarray(np.moveaxis(maps.astype(np.float32), 0, -1))
@@ -152,6 +149,11 @@ def save_anomaly_maps(out_dir: Path, name: str, slices: np.ndarray, maps: np.nda
         tmp.write_bytes(gzip.compress(nib.Nifti1Image(volume, affine).to_bytes()))
     if not png:
         return [nifti_path]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(2, len(maps), figsize=(2.2 * len(maps), 4.4), squeeze=False)
     top = float(np.percentile(maps, 99.5)) or 1.0
     for index, (image, heat) in enumerate(zip(slices, maps)):

@@ -99,18 +99,26 @@ def batched(fn: Callable[[np.ndarray], dict[str, np.ndarray]], images: np.ndarra
     return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]} if parts else {}
 
 
-def score_items(detector, items: Sequence[Item], chunk: int = 64, console: Console | None = None,
+def score_items(detector, items: Sequence[Item], chunk: int | None = None, console: Console | None = None,
                 description: str = "scoring", slices: dict | None = None) -> dict[str, np.ndarray]:
     """Each of the detector's scores per item: the mean of the item's slice scores.
+
+    The slices of all ``items`` go to the detector together, ``chunk`` at a time (default: the
+    run's ``score.batch_slices``), under ``torch.inference_mode()``.
 
     Slice scores are log-densities or negative distances (higher = more typical); for a density
     their mean is the average per-slice log-likelihood with slices taken as independent, which
     ranks items like the sum while staying on the per-slice scale. Pass a dict as ``slices`` to
     also get the slice scores themselves: it receives ``{name: (S_total,)}`` in item order.
     """
+    import torch
+
     if not items:
         return {}
-    slice_scores = batched(detector.score_samples, np.concatenate([item.slices for item in items]), chunk, console, description)
+    chunk = chunk or detector.cfg.score.batch_slices
+    with torch.inference_mode():
+        slice_scores = batched(detector.score_samples, np.concatenate([item.slices for item in items]), chunk,
+                               console, description)
     if slices is not None:
         slices.update(slice_scores)
     bounds = np.cumsum([len(item.slices) for item in items])[:-1]

@@ -36,6 +36,7 @@ from types import SimpleNamespace
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+import torch
 from rich.console import Console
 from rich.progress import TimeRemainingColumn
 from sklearn.metrics import roc_curve
@@ -47,7 +48,7 @@ from neuro_ood.io import load_arrays, read_json, save_arrays, write_json, write_
 from neuro_ood.metrics import ood_metrics
 from neuro_ood.preprocessing.cache import PreprocessedCache, content_digest, default_cache_dir
 from neuro_ood.report import save_anomaly_maps
-from neuro_ood.pipelines import report_html
+from neuro_ood.pipelines import report_html, shards
 from neuro_ood.pipelines.common import preprocess_source, progress_bar, score_items
 from neuro_ood.pipelines.datasets import Item, Source, dataset_adapter
 from neuro_ood.pipelines.evaluate import _labels
@@ -55,6 +56,18 @@ from neuro_ood.pipelines.reference import reference_scores
 from neuro_ood.pipelines.rundir import RunDir
 from neuro_ood.pipelines.domain import load_domain_model, site_verdicts
 from neuro_ood.pipelines.score import Normative, ScanResult, sources_of_paths
+from neuro_ood.pipelines.shards import Shard
+
+
+@dataclass
+class Merged:
+    """What a merge of shards hands :func:`report`: the shards' folders, the runs' fingerprints and the
+    cohort's identity they agree on, and their failed scans as ``{(path, run label): reason}``."""
+
+    dirs: list[Path]
+    runs: dict[str, str]
+    cohort: dict[str, Any]
+    failed: dict[tuple[str, str], str]
 
 #: Files of a run that decide its scores; their hash names the run's cache folder.
 RUN_FILES = ("config.yaml", "preprocessing.json", "model.json", "model.safetensors", "scorers.json",
@@ -330,7 +343,8 @@ def _finite(value: Any) -> Any:
 def report(cohort_inputs: Sequence[str | Path], run_dirs: Sequence[str | Path], out: str | Path,
            cache_dir: str | Path | None = None, console: Console | None = None, workers: int = 1,
            maps: str = "flagged", sample: int = 12, show: Sequence[str] = (), skip_trained: bool = False,
-           max_thumbnails: int = report_html.MAX_THUMBNAILS, stop_after: int | None = None) -> ReportSummary:
+           max_thumbnails: int = report_html.MAX_THUMBNAILS, stop_after: int | None = None,
+           shard: Shard | None = None, merged: "Merged | None" = None) -> ReportSummary:
     """Score every scan of the cohort with every run (reusing ``out``'s per-scan cache) and write
     the report files into ``out``.
 
@@ -339,6 +353,10 @@ def report(cohort_inputs: Sequence[str | Path], run_dirs: Sequence[str | Path], 
     ``show``: glob patterns (or substrings) of relative paths always shown; ``skip_trained``: leave
     out the subjects a run trained on; ``stop_after`` (tests): raise ``KeyboardInterrupt`` once
     that many scans were scored, as a kill would stop it.
+
+    ``shard``: score only that share of the cohort (:mod:`neuro_ood.pipelines.shards`), write no
+    thumbnails, and finish with the shard's manifest. ``merged`` (:mod:`neuro_ood.pipelines.merge`):
+    every scan's result is already in ``out``'s cache or failed in a shard; nothing is scored.
     """
     started = time.perf_counter()
     console = console or Console(stderr=True)
@@ -352,6 +370,20 @@ def report(cohort_inputs: Sequence[str | Path], run_dirs: Sequence[str | Path], 
     runs = load_runs(run_dirs, out)
     first = runs[0]
     cohort = open_cohort(first.adapter, cohort_inputs)
+    keys = [cohort.display(source) for source in cohort.sources]
+    cohort_id = {"identity": shards.identity([*keys, *(f"failed:{p}" for p, _ in cohort.failures)]),
+                 "n_inputs": len(cohort.sources) + len(cohort.failures)}
+    settings = {"maps": maps, "skip_trained": skip_trained}
+    fingerprints = {run.label: run.fingerprint for run in runs}
+    previous = shards.read_manifest(out)
+    if previous is not None and (shard is None or previous["shard"] != vars(shard)):
+        raise ConfigError(f"--out {out} holds shard {previous['shard']['index']}/{previous['shard']['count']}'s "
+                          "results; give each shard (and the merged report) its own folder")
+    if merged is not None and (merged.cohort != cohort_id or merged.runs != fingerprints):
+        raise ConfigError("the cohort or a run changed since the shards were scored; score the shards again")
+    if shard is not None:
+        max_thumbnails, sample, show = 0, 0, ()  # thumbnails are chosen over the whole cohort, at the merge
+        cohort.sources = [cohort.sources[i] for i in shards.share(keys, shard)]
     failures: dict[str, dict[str, Any]] = {}
 
     def fail(path: str, label: str, reason: str) -> None:
@@ -394,6 +426,12 @@ def report(cohort_inputs: Sequence[str | Path], run_dirs: Sequence[str | Path], 
                 if entry is not None and len(_cached_items(run.adapter, source, entry)) == len(entry["scores"]):
                     run.entries[digest] = entry
                     run.reused += 1
+                elif merged is not None:
+                    display = cohort.display(source)
+                    if (display, run.label) not in merged.failed:
+                        raise CohortError(f"{display}: no result in the shards for {run.label} "
+                                          "(a shard's cache was removed?); score its shard again")
+                    fail(display, run.label, merged.failed[display, run.label])
                 else:
                     missing.append((source, digest))
             task = progress.add_task(f"preprocess + score ({run.label})", total=len(missing))
@@ -465,9 +503,18 @@ def report(cohort_inputs: Sequence[str | Path], run_dirs: Sequence[str | Path], 
                                  "cap": max_thumbnails, "sample": sample,
                                  "omitted": [s["id"] for s in omitted] + over_budget}
     report_dict["seconds"] = round(time.perf_counter() - started, 2)
+    if merged is not None:
+        report_dict["merged_from"] = [str(d) for d in merged.dirs]
+    if shard is not None:
+        report_dict["shard"] = vars(shard)
     report_dict = _finite(report_dict)
     figures = _figures(report_dict, runs)
     _write_outputs(out, report_dict, figures, thumbnails)
+    if shard is not None:
+        shards.write_manifest(out, {
+            "shard": vars(shard), "runs": fingerprints, "cohort": cohort_id, "settings": settings,
+            "keys": [cohort.display(source) for source in cohort.sources], "failed": report_dict["failed"],
+            "inputs": [os.path.abspath(p) for p in cohort_inputs], "run_dirs": [os.path.abspath(p) for p in run_dirs]})
     n_flagged = sum(any(r["flagged"] for r in s["results"].values()) for s in report_dict["scans"])
     return ReportSummary(out=out, html=out / "report.html", unit=first.adapter.unit, n_scans=len(rows),
                          n_flagged=n_flagged,
@@ -650,7 +697,8 @@ def _maps_and_planes(runs: Sequence[ReportRun], rows: Sequence[_Row], selected: 
                         continue
                     arrays_of = {row.digest: run.adapter.items(row.source, arrays)}
                 slices = arrays_of[row.digest][index].slices
-                heat = run.detector.maps(slices) if run.localises else None
+                with torch.inference_mode():
+                    heat = run.detector.maps(slices) if run.localises else None
                 if want_planes:
                     stored = {f"image{k}": p for k, p in enumerate(report_html.mid_planes(slices[:, 0]))}
                     if heat is not None:

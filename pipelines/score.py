@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+import torch
 from rich.console import Console
 
 from neuro_ood.errors import ConfigError, NeuroOODError
@@ -16,6 +17,7 @@ from neuro_ood.pipelines.datasets import dataset_adapter
 from neuro_ood.pipelines.domain import load_domain_model, site_verdicts
 from neuro_ood.pipelines.rundir import RunDir
 from neuro_ood.pipelines.reference import percentile, reference_scores, threshold
+from neuro_ood.pipelines.shards import Shard, identity, share
 
 
 @dataclass
@@ -71,11 +73,14 @@ class Normative:
 
 @dataclass
 class ScoreReport:
-    """Results per item, failures as ``(input, reason)``, and with ``maps`` requested the written files."""
+    """Results per item, failures as ``(input, reason)``, with ``maps`` requested the written files, and
+    with a shard its manifest: ``{"index", "count", "run": run fingerprint, "cohort": identity of all
+    the inputs, "n_inputs"}``."""
 
     results: list[ScanResult]
     failures: list[tuple[str, str]]
     map_files: list[str] = field(default_factory=list)
+    shard: dict[str, Any] | None = None
 
 
 def sources_of_paths(adapter, paths: Sequence[str | Path]) -> tuple[list, list[tuple[str, str]]]:
@@ -91,11 +96,13 @@ def sources_of_paths(adapter, paths: Sequence[str | Path]) -> tuple[list, list[t
 
 
 def score_scans(run_dir: str | Path, paths: Sequence[str | Path], cache_dir: str | Path | None = None,
-                console: Console | None = None, maps_dir: str | Path | None = None) -> ScoreReport:
+                console: Console | None = None, maps_dir: str | Path | None = None,
+                shard: Shard | None = None) -> ScoreReport:
     """Score each input with every score of the run's method; bad inputs are reported, not fatal.
 
     With ``maps_dir``, methods that localise (MSMA: per-pixel score norms; f-AnoGAN: residuals) also
-    write each item's anomaly map there as NIfTI and PNG.
+    write each item's anomaly map there as NIfTI and PNG. With ``shard``, only that share of
+    ``paths`` (sorted by path as given; :mod:`neuro_ood.pipelines.shards`) is scored.
     """
     console = console or Console(stderr=True)
     run = RunDir(run_dir)
@@ -105,10 +112,18 @@ def score_scans(run_dir: str | Path, paths: Sequence[str | Path], cache_dir: str
     reference = run.load_reference()
     if maps_dir is not None and not detector.localises:
         raise ConfigError(f"{cfg.method} runs give no voxel-level maps; --maps needs an msma or fanogan run")
+    manifest = None
+    if shard is not None:
+        from neuro_ood.pipelines.report import run_fingerprint
+
+        keys = [str(path) for path in paths]
+        manifest = {"index": shard.index, "count": shard.count, "run": run_fingerprint(run),
+                    "cohort": identity(keys), "n_inputs": len(keys)}
+        paths = [paths[i] for i in share(keys, shard)]
     sources, failures = sources_of_paths(adapter, paths)
     prepared = prepare_items(adapter, sources, cache_dir, console, "preprocess")
     if not prepared.items:
-        return ScoreReport(results=[], failures=failures + prepared.failures)
+        return ScoreReport(results=[], failures=failures + prepared.failures, shard=manifest)
     scores = detector.group_view(score_items(detector, prepared.items, console=console, description="score"), None)
     results = Normative.of_run(detector, reference, cfg).judge_all([item.label for item in prepared.items], scores)
     for result, site in zip(results, site_verdicts(load_domain_model(run.path), reference, prepared.items)):
@@ -122,6 +137,8 @@ def score_scans(run_dir: str | Path, paths: Sequence[str | Path], cache_dir: str
             used[name] = used.get(name, 0) + 1
             if used[name] > 1:  # same file name in another folder: keep both maps
                 name = f"{name.removesuffix('.nii.gz').removesuffix('.nii')}_{used[name]}"
-            files = save_anomaly_maps(Path(maps_dir), name, item.slices, detector.maps(item.slices), spacing)
+            with torch.inference_mode():
+                heat = detector.maps(item.slices)
+            files = save_anomaly_maps(Path(maps_dir), name, item.slices, heat, spacing)
             map_files.extend(str(f) for f in files)
-    return ScoreReport(results=results, failures=failures + prepared.failures, map_files=map_files)
+    return ScoreReport(results=results, failures=failures + prepared.failures, map_files=map_files, shard=manifest)

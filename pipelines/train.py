@@ -21,6 +21,7 @@ from neuro_ood.pipelines.datasets import dataset_adapter
 from neuro_ood.pipelines.domain import fit_domain_model, save_domain_model
 from neuro_ood.pipelines.reference import build_reference
 from neuro_ood.pipelines.rundir import RunDir
+from neuro_ood.trainer import distributed
 
 
 @dataclass
@@ -84,6 +85,10 @@ def train(cfg: ExperimentConfig, data_dir: str | Path, out: str | Path, cache_di
     thresholds) sets. Re-running into the same ``out`` resumes from its last checkpoint. Where the
     preset gives acquisition vectors, a site model of the training scans is stored too
     (:mod:`neuro_ood.pipelines.domain`).
+
+    Under torchrun (:mod:`neuro_ood.trainer.distributed`) every process trains on its share of
+    each batch; rank 0 preprocesses first (the others then read its cache) and alone writes
+    ``out``; the others leave once training is over.
     """
     started = time.perf_counter()
     console = console or Console(stderr=True)
@@ -103,15 +108,18 @@ def train(cfg: ExperimentConfig, data_dir: str | Path, out: str | Path, cache_di
         train_subjects, heldout_subjects = split["train"], split["heldout"]
     else:
         train_subjects, heldout_subjects = split_subjects(sources, cfg.data.heldout_fraction, cfg.data.split_seed)
-    run.save_config(cfg)
-    run.save_split(train_subjects, heldout_subjects)
+    main = distributed.is_main()
+    if main:
+        run.save_config(cfg)
+        run.save_split(train_subjects, heldout_subjects)
 
     train_set, heldout_set = set(train_subjects), set(heldout_subjects)
     extra = {}
-    prepared_train = prepare_items(adapter, [s for s in sources if s.subject in train_set], cache_dir, console,
-                                   "preprocess train")
-    prepared_held = prepare_items(adapter, [s for s in sources if s.subject in heldout_set], cache_dir, console,
-                                  "preprocess held-out")
+    with distributed.main_first():
+        prepared_train = prepare_items(adapter, [s for s in sources if s.subject in train_set], cache_dir, console,
+                                       "preprocess train")
+        prepared_held = prepare_items(adapter, [s for s in sources if s.subject in heldout_set], cache_dir,
+                                      console, "preprocess held-out")
     failures = prepared_train.failures + prepared_held.failures
     for label, reason in failures:
         console.print(f"[yellow]skipped[/] {escape(f'{label}: {reason}')}", highlight=False)
@@ -122,15 +130,19 @@ def train(cfg: ExperimentConfig, data_dir: str | Path, out: str | Path, cache_di
 
     if detector.needs_outliers:
         inlier_subjects = {s.subject for s in sources}
-        outlier_items, seen_subjects = _outlier_group_items(adapter, cfg, all_sources, inlier_subjects,
-                                                            prepared_train.items, cache_dir, console)
-        run.save_split(sorted(train_set | seen_subjects), heldout_subjects)
+        with distributed.main_first():
+            outlier_items, seen_subjects = _outlier_group_items(adapter, cfg, all_sources, inlier_subjects,
+                                                                prepared_train.items, cache_dir, console)
+        if main:
+            run.save_split(sorted(train_set | seen_subjects), heldout_subjects)
         extra["outliers"] = np.concatenate([item.slices for item in outlier_items])
     images = np.concatenate([item.slices for item in train_items])
     groups = np.concatenate([[item.subject] * len(item.slices) for item in train_items])
     if resume and run.trained_steps():
         console.print(f"resuming from step {run.trained_steps()}")
     detector.meta["preprocessing_fingerprint"] = preprocessing_fingerprint(cfg.preprocessing)
+    if not detector.has_network:  # nothing to share out: rank 0 fits the scorers alone
+        distributed.leave_unless_main()
     with ConsoleProgress(console) as progress:
         detector.fit(images, groups=groups, checkpoint_dir=run.path, resume=resume, progress=progress, **extra)
     detector.save(run.path)

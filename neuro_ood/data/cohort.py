@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import pandas as pd
-from sklearn.model_selection import train_test_split
 
 from neuro_ood.config import DataConfig
 from neuro_ood.data.nifti import is_nifti_name
 from neuro_ood.errors import CohortError
+from neuro_ood.lazy import LazyModule
+
+pd = LazyModule("pandas")  # tables are read by train, evaluate and report, not by score
 
 YEARS_PER_UNIT = {"years": 1.0, "year": 1.0, "y": 1.0, "months": 1 / 12, "month": 1 / 12, "m": 1 / 12,
                   "weeks": 7 / 365.25, "week": 7 / 365.25, "w": 7 / 365.25,
@@ -155,6 +156,8 @@ def split_subjects(scans: Sequence[Scan], heldout_fraction: float, seed: int) ->
     subjects = sorted({s.subject for s in scans})
     if len(subjects) < 2:
         raise CohortError(f"need at least 2 inlier subjects to split, found {len(subjects)}")
+    from sklearn.model_selection import train_test_split
+
     train, heldout = train_test_split(subjects, test_size=heldout_fraction, random_state=seed)
     return sorted(train), sorted(heldout)
 

@@ -42,9 +42,10 @@ from safetensors.torch import load_file, save_file
 from neuro_ood.config import ExperimentConfig, config_from_dict
 from neuro_ood.devices import resolve_device
 from neuro_ood.errors import RunError
+from neuro_ood.inference import inference_network
 from neuro_ood.io import atomic_write, read_json, write_json
 from neuro_ood.networks import NETWORK_SECTIONS, build_network
-from neuro_ood.trainer import TrainState, ema_model, optimization_manager, train_loop
+from neuro_ood.trainer import TrainState, distributed, ema_model, optimization_manager, train_loop
 from neuro_ood.trainer.loop import Sampler, StepFn
 
 #: ``(stage, done, total, loss)``; ``loss`` is NaN for stages without one (feature extraction, fits).
@@ -104,7 +105,8 @@ class Detector:
 
     def __init__(self, cfg: ExperimentConfig, device: torch.device | str | None = None):
         self.cfg = cfg
-        self.device = torch.device(device) if device is not None else resolve_device(cfg.training.device)
+        self.device = distributed.rank_device(torch.device(device) if device is not None
+                                              else resolve_device(cfg.training.device))
         self.network: torch.nn.Module | None = None
         self.input_shape: tuple[int, ...] | None = None   # (C, *spatial) the network was built for
         self.train_state: TrainState | None = None
@@ -228,6 +230,10 @@ class Detector:
             self._raw_weights = None
         self._ema = ema_model(self.network, self.cfg.training.ema_decay)
 
+    def training_steps(self) -> int:
+        """Optimisation steps of the whole training, over all stages (``training.steps``)."""
+        return self.cfg.training.steps
+
     def _optimize(self):
         return optimization_manager(self.cfg.training.grad_clip)
 
@@ -235,18 +241,29 @@ class Detector:
                    checkpoint_dir: str | Path | None, progress: Progress | None, start: int = 0,
                    use_ema: bool = True) -> None:
         """Train one stage up to step ``until`` on the one loop, checkpointing into ``checkpoint_dir``;
-        ``start`` is the stage's first step (progress counts from there)."""
+        ``start`` is the stage's first step (progress counts from there).
+
+        In distributed training (:mod:`neuro_ood.trainer.distributed`) every process starts from
+        rank 0's weights, the reported loss is the mean over the processes, rank 0 alone shows
+        progress and writes checkpoints, and after the last stage (``until`` reaching
+        :meth:`training_steps`) the other processes leave
+        (:class:`~neuro_ood.trainer.distributed.WorkerDone`)."""
         t = self.cfg.training
-        progress = progress or _no_progress
+        main = distributed.is_main()
+        distributed.check_batch(t.batch_size)
+        distributed.broadcast_module(self.network)
+        distributed.broadcast_module(self._ema if use_ema else None)
+        progress = (progress if main else None) or _no_progress
         total = until - start
         progress(stage, max(0, self.train_state.step - start), total, float("nan"))
 
         def on_step(step: int, loss: float) -> None:
+            loss = distributed.mean_over_ranks(loss)
             self.final_loss = loss
             progress(stage, step - start, total, loss)
 
         def on_checkpoint(state: TrainState) -> None:
-            if checkpoint_dir is not None:
+            if checkpoint_dir is not None and main:
                 self._save_network(Path(checkpoint_dir))
                 self._save_train_state(Path(checkpoint_dir), state)
 
@@ -255,12 +272,15 @@ class Detector:
                                       ema=ema, ema_of=self.network, warmup_steps=t.warmup_steps,
                                       checkpoint_every=t.checkpoint_every, on_step=on_step,
                                       on_checkpoint=on_checkpoint)
+        if until >= self.training_steps():
+            distributed.leave_unless_main()
 
     @property
     def scoring_network(self) -> torch.nn.Module:
         """The network scores come from: the EMA weights when training kept an EMA."""
         network = self._ema.module if self._ema is not None else self.network
-        return network.eval()
+        network.eval()
+        return inference_network(network, self.cfg.score.precision, self.cfg.score.channels_last)
 
 
 def to_tensor(x: np.ndarray | torch.Tensor) -> torch.Tensor:

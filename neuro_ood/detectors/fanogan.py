@@ -45,6 +45,10 @@ class FAnoGANDetector(Detector):
     method = "fanogan"
     localises = True
 
+    def training_steps(self) -> int:
+        """``training.steps`` generator steps, then ``fanogan.encoder_steps`` encoder steps."""
+        return self.cfg.training.steps + self.cfg.fanogan.encoder_steps
+
     def fit(self, x, *, groups=None, outliers=None, checkpoint_dir=None, resume=True,
             progress: Progress | None = None) -> "FAnoGANDetector":
         t, f = self.cfg.training, self.cfg.fanogan

@@ -23,10 +23,13 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 from monai.data import MetaTensor
 from monai.transforms import Transform
+
+from neuro_ood.lazy import LazyModule
+
+sitk = LazyModule("SimpleITK")  # imported when a scan is registered
 
 # sitk works in LPS world coordinates, NIfTI affines in RAS: x and y change sign.
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])

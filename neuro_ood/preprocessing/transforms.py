@@ -9,10 +9,13 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 from monai.data import MetaTensor
 from monai.transforms import Transform
+
+from neuro_ood.lazy import LazyModule
+
+sitk = LazyModule("SimpleITK")  # N4 only
 
 
 class N4BiasFieldCorrection(Transform):

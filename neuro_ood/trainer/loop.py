@@ -3,8 +3,9 @@
 A method supplies a *step function* (one optimisation step on one batch, see
 :mod:`neuro_ood.trainer.steps`) and a *sampler* (draws that batch); :func:`train_loop` owns
 everything around them: where to resume, seeding, learning-rate warm-up, the EMA of the weights,
-progress reports and checkpoints. A distributed wrapper replaces the sampler (per-rank shards) and
-wraps the networks; the step functions stay as they are.
+progress reports and checkpoints. In distributed training (:mod:`neuro_ood.trainer.distributed`)
+the sampler and the generator stay as they are on every process (each draws the global batch),
+the step functions compute their process's share of it, and ``optimize`` averages the gradients.
 
 Seeding: a run that starts or resumes at step ``s`` draws its batches and noise from one CPU
 ``torch.Generator`` seeded with ``seed + s``, so a resumed run is reproducible too.
@@ -18,6 +19,8 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from neuro_ood.trainer.distributed import average_gradients
 
 
 @dataclass
@@ -59,12 +62,16 @@ OnCheckpoint = Callable[[TrainState], None]
 def optimization_manager(grad_clip: float | None = None) -> Callable[[torch.optim.Optimizer, torch.Tensor], bool]:
     """``optimize(optimizer, loss) -> bool``: zero the grads, backpropagate ``loss``, clip the
     gradient norm of the optimizer's parameters to ``grad_clip`` (if set), and step — unless a
-    gradient is non-finite, in which case the step is skipped and ``False`` returned."""
+    gradient is non-finite, in which case the step is skipped and ``False`` returned. In
+    distributed training the gradients are averaged over the processes after ``backward()``
+    (:func:`~neuro_ood.trainer.distributed.average_gradients`), so every process clips, checks and
+    steps on the same numbers."""
 
     def optimize(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> bool:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(params)
         grads = [p.grad for p in params if p.grad is not None]
         if grad_clip is not None and grad_clip > 0:
             norm = nn.utils.clip_grad_norm_(params, grad_clip)

@@ -6,6 +6,11 @@ StepResult`` for :func:`~neuro_ood.trainer.loop.train_loop`. The loss is a small
 backward, gradient clipping and the optimiser step. Batches are CPU tensors; a step moves them to
 its network's device. Random draws inside a step (noise levels, dequantisation, latents) come
 from the loop's CPU generator.
+
+In distributed training (:mod:`neuro_ood.trainer.distributed`) every process receives the same
+global batch, draws the random numbers for all of its rows, and runs the network on its own share
+(``shard``, by default the process group's :func:`~neuro_ood.trainer.distributed.current`); in a
+single process the share is the whole batch.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from neuro_ood.backbones.fanogan import sample_latent
 from neuro_ood.backbones.glow_inputs import dequantize
 from neuro_ood.losses import (dsm_loss, glow_nll_bits, izif_loss, margin_outlier_loss, outlier_loss,
                               wgan_critic_loss, wgan_generator_loss)
+from neuro_ood.trainer.distributed import Shard, any_rank, current
 from neuro_ood.trainer.loop import StepFn, StepResult
 
 Optimize = Callable[[torch.optim.Optimizer, torch.Tensor], bool]
@@ -31,27 +37,36 @@ def _device(module: nn.Module) -> torch.device:
 
 
 def dsm_step_fn(model: nn.Module, optimizer: torch.optim.Optimizer, sigmas: torch.Tensor,
-                optimize: Optimize) -> StepFn:
+                optimize: Optimize, shard: Shard | None = None) -> StepFn:
     """Denoising score matching (λ(σ) = σ², :func:`~neuro_ood.losses.dsm_loss`) on ``batch["x"]``
     ``(B, C, *spatial)`` in [0, 1], one random level of ``sigmas (L,)`` per example."""
     device = _device(model)
     sigmas = torch.as_tensor(sigmas, dtype=torch.float32)
+    shard = shard or current()
 
     def step(batch: dict[str, torch.Tensor], generator: torch.Generator) -> StepResult:
         model.train()
-        loss = dsm_loss(model, batch["x"].to(device), sigmas, generator=generator)
+        x = batch["x"]
+        if shard.active:
+            rows = shard.rows(len(x))
+            loss = dsm_loss(model, x[rows].to(device), sigmas, generator=generator, rows=rows, batch_size=len(x))
+        else:
+            loss = dsm_loss(model, x.to(device), sigmas, generator=generator)
         return StepResult(loss.item(), skipped=not optimize(optimizer, loss))
 
     return step
 
 
-def classifier_step_fn(model: nn.Module, optimizer: torch.optim.Optimizer, optimize: Optimize) -> StepFn:
+def classifier_step_fn(model: nn.Module, optimizer: torch.optim.Optimizer, optimize: Optimize,
+                       shard: Shard | None = None) -> StepFn:
     """Cross-entropy of ``model(batch["x"]) (B, K)`` against ``batch["y"] (B,)`` integer classes."""
     device = _device(model)
+    shard = shard or current()
 
     def step(batch: dict[str, torch.Tensor], generator: torch.Generator) -> StepResult:
         model.train()
-        loss = F.cross_entropy(model(batch["x"].to(device)), batch["y"].to(device))
+        x, y = shard.take(batch["x"]), shard.take(batch["y"])
+        loss = F.cross_entropy(model(x.to(device)), y.to(device))
         return StepResult(loss.item(), skipped=not optimize(optimizer, loss))
 
     return step
@@ -104,7 +119,7 @@ def glow_step_fn(model: nn.Module, optimizer: torch.optim.Optimizer, optimize: O
                  augment: tuple[str, ...] = ("translate", "flip"), max_shift: int = 2, n_bins: int = 256,
                  outlier_loss_kind: str | None = None, general_model: nn.Module | None = None,
                  outlier_temperature: float = 1000.0, outlier_weight: float = 6000.0,
-                 margin: float = 1.0) -> StepFn:
+                 margin: float = 1.0, shard: Shard | None = None) -> StepFn:
     """Maximum likelihood of a Glow (S4.1), optionally with an outlier loss (S4.4, S7.5).
 
     ``batch["x"] (B, C, H, W)`` are inliers already quantised by
@@ -133,9 +148,11 @@ def glow_step_fn(model: nn.Module, optimizer: torch.optim.Optimizer, optimize: O
         general_model.eval()
         general_device = _device(general_model)
     augment = tuple(augment)
+    shard = shard or current()
 
     def prepare(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return dequantize(augment_images(x, generator, augment, max_shift), n_bins, generator).to(device)
+        """The whole batch augmented and dequantised, this process's rows of it on the device."""
+        return shard.take(dequantize(augment_images(x, generator, augment, max_shift), n_bins, generator)).to(device)
 
     def step(batch: dict[str, torch.Tensor], generator: torch.Generator) -> StepResult:
         model.train()
@@ -157,7 +174,7 @@ def glow_step_fn(model: nn.Module, optimizer: torch.optim.Optimizer, optimize: O
                 extra = (margin_outlier_loss(log_px / n_dims, log_p_out[finite] / n_dims, margin) * n_dims
                          if n_used else log_p_out.new_zeros(()))
             loss = loss + extra / (n_dims * math.log(2.0))
-            if n_used == 0:
+            if any_rank(n_used == 0):  # every process skips together
                 optimizer.zero_grad(set_to_none=True)
                 return StepResult(loss.item(), skipped=True)
         return StepResult(loss.item(), skipped=not optimize(optimizer, loss))
@@ -166,8 +183,8 @@ def glow_step_fn(model: nn.Module, optimizer: torch.optim.Optimizer, optimize: O
 
 
 def wgan_gp_step_fn(generator_net: nn.Module, critic: nn.Module, generator_optimizer: torch.optim.Optimizer,
-                    critic_optimizer: torch.optim.Optimizer, optimize: Optimize, gp_weight: float = 10.0
-                    ) -> StepFn:
+                    critic_optimizer: torch.optim.Optimizer, optimize: Optimize, gp_weight: float = 10.0,
+                    shard: Shard | None = None) -> StepFn:
     """One generator step of WGAN-GP (f-AnoGAN stage 1), preceded by one critic step per real batch.
 
     ``batch["x"] (n_critic, B, C, H, W)``: a real batch for each critic step, which minimises
@@ -177,6 +194,11 @@ def wgan_gp_step_fn(generator_net: nn.Module, critic: nn.Module, generator_optim
     """
     device = _device(generator_net)
     critic_params = [p for p in critic.parameters() if p.requires_grad]
+    shard = shard or current()
+
+    def latents(b: int, generator: torch.Generator) -> torch.Tensor:
+        """Latents for a global batch of ``b``; this process's rows on the device."""
+        return shard.take(sample_latent(b, generator_net.latent_dim, generator)).to(device)
 
     def step(batch: dict[str, torch.Tensor], generator: torch.Generator) -> StepResult:
         generator_net.train()
@@ -184,16 +206,18 @@ def wgan_gp_step_fn(generator_net: nn.Module, critic: nn.Module, generator_optim
         reals = batch["x"]
         b = reals.shape[1]
         skipped = False
+        rows = shard.rows(b) if shard.active else None
         for real in reals:
-            real = real.to(device)
+            real = shard.take(real).to(device)
             with torch.no_grad():
-                fake = generator_net(sample_latent(b, generator_net.latent_dim, generator, device))
-            d_loss = wgan_critic_loss(critic, real, fake, gp_weight, generator)
+                fake = generator_net(latents(b, generator))
+            d_loss = wgan_critic_loss(critic, real, fake, gp_weight, generator,
+                                      rows=rows, batch_size=b if shard.active else None)
             skipped |= not optimize(critic_optimizer, d_loss)
         for p in critic_params:
             p.requires_grad_(False)
         try:
-            fake = generator_net(sample_latent(b, generator_net.latent_dim, generator, device))
+            fake = generator_net(latents(b, generator))
             skipped |= not optimize(generator_optimizer, wgan_generator_loss(critic, fake))
         finally:
             for p in critic_params:
@@ -204,15 +228,16 @@ def wgan_gp_step_fn(generator_net: nn.Module, critic: nn.Module, generator_optim
 
 
 def izif_step_fn(encoder: nn.Module, generator_net: nn.Module, critic: nn.Module, optimizer: torch.optim.Optimizer,
-                 optimize: Optimize, kappa: float = 1.0) -> StepFn:
+                 optimize: Optimize, kappa: float = 1.0, shard: Shard | None = None) -> StepFn:
     """One step of the izif encoder (f-AnoGAN stage 2) on :func:`~neuro_ood.losses.izif_loss` of
     ``batch["x"] (B, C, H, W)``; the caller keeps the generator and critic frozen (eval mode, no
     gradients) for the stage."""
     device = _device(encoder)
+    shard = shard or current()
 
     def step(batch: dict[str, torch.Tensor], generator: torch.Generator) -> StepResult:
         encoder.train()
-        loss = izif_loss(batch["x"].to(device), encoder, generator_net, critic, kappa)
+        loss = izif_loss(shard.take(batch["x"]).to(device), encoder, generator_net, critic, kappa)
         return StepResult(loss.item(), skipped=not optimize(optimizer, loss))
 
     return step

@@ -1,0 +1,133 @@
+"""MSMA scoring and training at msma_quick size, every figure against a baseline of the same run.
+
+- batched scoring (all scans' slices × all L levels through the network together) vs a naive loop
+  of one network call per scan and noise level;
+- scans/s end to end (preprocessing of 2 mm synthetic NIfTI scans + network + scorers, after
+  start-up) and of the network part alone;
+- DSM training steps/s at msma_quick's batch size;
+- the network part's FLOP/s (FLOPs of convolutions and matrix products counted by
+  ``torch.utils.flop_counter.FlopCounterMode``, 2 per multiply-add) against a 2048² float32 matmul
+  timed here;
+- peak resident memory (``ru_maxrss``).
+
+    .venv/bin/python benchmarks/scoring.py [--scans 24] [--threads 1]
+"""
+
+import argparse
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from _timing import best_of
+from torch.utils.flop_counter import FlopCounterMode
+
+from neuro_ood.config import load_config
+from neuro_ood.data.synthetic import synthesize_t1
+from neuro_ood.detectors.msma import MSMADetector
+from neuro_ood.features import score_norms
+from neuro_ood.inference import inference_network
+from neuro_ood.pipelines.common import score_items
+from neuro_ood.pipelines.datasets import dataset_adapter
+from neuro_ood.trainer.steps import dsm_step_fn
+from neuro_ood.trainer.loop import optimization_manager, sample_rows
+
+SCORERS = ["scorers.gmm={n_components: [1, 2, 3], cv: 3, n_jobs: 1}", "scorers.maf={epochs: 20}",
+           "scorers.knn={n_neighbors: 5}", "training.device=cpu"]
+
+
+@torch.no_grad()
+def naive_loop(network, items, sigmas):
+    """One network call per scan and noise level: ``(n_scans, L)`` mean slice norms."""
+    rows = []
+    for item in items:
+        x = torch.as_tensor(item.slices)
+        rows.append([(s * network(x, s.repeat(len(x)))).flatten(1).norm(dim=1).mean().item() for s in sigmas])
+    return np.array(rows)
+
+
+def matmul_flops(n: int = 2048) -> float:
+    a, b = torch.rand(n, n), torch.rand(n, n)
+    return 2 * n ** 3 / best_of(lambda: torch.mm(a, b), repeats=3)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--scans", type=int, default=24)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = load_config("msma_quick", SCORERS)
+    adapter = dataset_adapter(cfg)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; msma_quick network, "
+          f"{args.scans} synthetic 2 mm scans")
+    with tempfile.TemporaryDirectory() as tmp:
+        rng = np.random.default_rng(0)
+        paths = []
+        for index in range(args.scans):
+            path = Path(tmp) / f"sub-{index:03d}_T1w.nii.gz"
+            synthesize_t1(float(rng.uniform(9, 11)), rng).to_filename(path)
+            paths.append(path)
+        sources = adapter.sources_from_paths(paths)
+        detector = MSMADetector(cfg)
+        items = [item for source in sources[:2] for item in adapter.items(source, adapter.preprocess(source))]
+        detector._start_network(items[0].slices.shape[1:], None, resume=False)
+        detector._start_ema()
+
+        start = time.perf_counter()
+        items = [item for source in sources for item in adapter.items(source, adapter.preprocess(source))]
+        preprocess_s = time.perf_counter() - start
+        slices = np.concatenate([item.slices for item in items])
+        detector.fit_scorers(detector.features(slices), None, None)
+
+        start = time.perf_counter()
+        end_to_end_items = [item for source in sources for item in adapter.items(source, adapter.preprocess(source))]
+        score_items(detector, end_to_end_items, console=Console(quiet=True))
+        end_to_end_s = time.perf_counter() - start
+
+        network, sigmas = detector.scoring_network, detector.sigmas
+        batch = cfg.training.feature_batch_size
+        with torch.inference_mode():
+            batched_s = best_of(lambda: score_norms(network, slices, sigmas, batch_size=batch), repeats=2)
+        naive_s = best_of(lambda: naive_loop(network, items, sigmas), repeats=1)
+        with torch.inference_mode():
+            few = slices[:12]  # bf16 is slow on CPUs without bfloat16 units: timed on 4 scans' slices
+            fp32_few_s = best_of(lambda: score_norms(network, few, sigmas, batch_size=batch), repeats=1)
+            bf16_s = best_of(lambda: score_norms(inference_network(network, "bf16"), few, sigmas,
+                                                 batch_size=batch), repeats=1)
+            with FlopCounterMode(display=False) as counter:
+                score_norms(network, slices, sigmas, batch_size=batch)
+        flops = counter.get_total_flops()
+        peak_matmul = matmul_flops()
+
+        train_net = detector.network
+        optimizer = torch.optim.Adam(train_net.parameters(), lr=cfg.training.lr)
+        step = dsm_step_fn(train_net, optimizer, sigmas, optimization_manager())
+        sample = sample_rows({"x": torch.as_tensor(slices)}, cfg.training.batch_size)
+        generator = torch.Generator().manual_seed(0)
+        steps = 5
+        step_s = best_of(lambda: [step(sample(generator), generator) for _ in range(steps)], repeats=1) / steps
+
+    n = args.scans
+    print(f"preprocessing: {n / preprocess_s:.2f} scans/s ({preprocess_s / n:.2f} s a scan, {len(slices)} slices)")
+    print(f"end to end (preprocess + network + scorers, after start-up): {n / end_to_end_s:.2f} scans/s "
+          f"({end_to_end_s:.1f} s for {n}; target >= 2 scans/s: {'met' if n / end_to_end_s >= 2 else 'not met'})")
+    print(f"network part alone, batched: {n / batched_s:.2f} scans/s ({batched_s:.2f} s); naive loop "
+          f"(one call per scan and level): {naive_s:.2f} s; speed-up {naive_s / batched_s:.2f}x "
+          f"(target >= 3x: {'met' if naive_s / batched_s >= 3 else 'not met'})")
+    print(f"network part under bf16 autocast, 12 slices: {bf16_s:.2f} s vs fp32 {fp32_few_s:.2f} s: "
+          f"{fp32_few_s / bf16_s:.2f}x fp32's speed")
+    achieved = flops / batched_s
+    print(f"network FLOPs: {flops / 1e9:.1f} GFLOP for {n} scans ({flops / n / 1e9:.2f} a scan); "
+          f"achieved {achieved / 1e9:.1f} GFLOP/s; 2048² fp32 matmul {peak_matmul / 1e9:.1f} GFLOP/s; "
+          f"ratio {achieved / peak_matmul:.0%} (target >= 50%: {'met' if achieved >= 0.5 * peak_matmul else 'not met'})")
+    print(f"training: {1 / step_s:.2f} DSM steps/s at batch {cfg.training.batch_size} ({step_s:.2f} s a step)")
+    print(f"peak resident memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
