@@ -82,8 +82,9 @@ def ood_metrics(scores_in, scores_out) -> dict[str, float]:
     fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
     return {
         "auroc": float(roc_auc_score(y, s)),
-        "aupr_in": float(average_precision_score(y, s)),
-        "aupr_out": float(average_precision_score(1 - y, -s)),
+        # average precision can exceed 1 by a rounding error; the metric is a fraction
+        "aupr_in": min(1.0, float(average_precision_score(y, s))),
+        "aupr_out": min(1.0, float(average_precision_score(1 - y, -s))),
         "fpr_at_95_tpr": float(np.min(fpr[tpr >= 0.95 - _TPR_TOL])),
         "detection_error": float(np.min(0.5 * (1.0 - tpr) + 0.5 * fpr)),
         "fpr_at_80_tpr": float(np.min(fpr[tpr >= 0.80 - _TPR_TOL])),
