@@ -51,9 +51,11 @@ def scores_table(results: Iterable[Any]) -> Table:
     where the run has a site model, the domain-shift signal (is the scan unlike the training site?)."""
     results = list(results)
     table = Table(title="neuro-ood scores", caption="score (percentile among held-out inliers); "
-                  "low = atypical; the flag is the primary scorer's 95%-TPR threshold")
+                  "low = atypical; the flag is the primary scorer's 95%-TPR threshold; paper_* scores in --json")
     table.add_column("scan", overflow="fold")
     scorers = list(results[0].scores) if results else []
+    # MSMA's paper_* scores (the paper's L norms beside the configured features) stay in --json
+    scorers = [n for n in scorers if not n.startswith("paper_")] or scorers
     for name in scorers:
         table.add_column(name, justify="right", no_wrap=True)
     table.add_column("flag", no_wrap=True)

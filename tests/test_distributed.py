@@ -155,7 +155,7 @@ def test_two_gloo_processes_train_like_one_and_resume_with_any_number(tmp_path):
     assert main["averaged"] == other["averaged"] == [[1.5] * 3, [2.0] * 3, None]
     assert main["rows"] == other["rows"] == [2]   # each process computes its half of the batch of 4
     assert not any(main[name]["left"] for name in losses) and all(other[name]["left"] for name in losses)
-    assert main["fresh"]["scorers"] == ["gmm"]
+    assert main["fresh"]["scorers"] == ["gmm", "paper_gmm"]   # band features + the paper's norms
     assert sorted(p.name for p in (tmp_path / "fresh").iterdir()) == [
         "model.json", "model.safetensors", "train_state.pt"]
 
