@@ -308,16 +308,27 @@ def synth(
     per_age: int = typer.Option(20, "--per-age", help="Subjects per outlier age."),
     seed: int = typer.Option(0, "--seed"),
     resolution: float = typer.Option(2.0, "--resolution", help="Voxel size in mm."),
+    lesions: int = typer.Option(0, "--lesions", help="Extra subjects aged 9-11 with 1-3 synthetic lesions each "
+                                                     "(masks in derivatives/lesions/)."),
+    lesion_polarity: str = typer.Option("mixed", "--lesion-polarity", help="hyper, hypo or mixed (each lesion "
+                                                                           "either)."),
 ):
     """Write a synthetic BIDS cohort of T1 scans built from the MNI152 template."""
+    from neuro_ood.data.lesions import POLARITIES
     from neuro_ood.pipelines.synth import synth as run_synth
 
     try:
         age_list = [float(a) for a in ages.split(",") if a.strip()]
     except ValueError:
         fail(f"--ages {ages!r} is not a comma-separated list of numbers")
-    path = run_synth(out, inliers, age_list, per_age, seed=seed, resolution_mm=resolution, console=err_console)
-    out_console.print(f"wrote {inliers + per_age * len(age_list)} scans to {path}")
+    if lesions < 0:
+        fail(f"--lesions must be 0 or more, got {lesions}")
+    if lesion_polarity not in POLARITIES:
+        fail(f"--lesion-polarity must be one of {', '.join(POLARITIES)}, got {lesion_polarity!r}")
+    path = run_synth(out, inliers, age_list, per_age, seed=seed, resolution_mm=resolution, console=err_console,
+                     lesions=lesions, lesion_polarity=lesion_polarity)
+    with_lesions = f" ({lesions} with lesions)" if lesions else ""
+    out_console.print(f"wrote {inliers + per_age * len(age_list) + lesions} scans{with_lesions} to {path}")
 
 
 @app.command()

@@ -50,6 +50,9 @@ class PreprocessingConfig:
     a registration whose quality is below ``min_registration_quality`` fails that scan;
     ``standardise: white_matter`` (needs registration) scales intensities by the white-matter
     median instead of the ``intensity_percentiles``.
+    Whole volumes (``preset: t1_volume``, 3-D MSMA): the same chain up to the [0, 1] scaling, then the
+    brain centred in a ``volume_size`` box (voxels at ``spacing_mm``, RAS) by padding/cropping; the
+    slice options do not apply.
     """
 
     preset: str = "t1"
@@ -68,6 +71,7 @@ class PreprocessingConfig:
     registration: str = "none"
     min_registration_quality: float = 0.35
     standardise: str = "percentile"
+    volume_size: list[int] = field(default_factory=lambda: [80, 104, 88])
 
 
 @dataclass
@@ -200,12 +204,26 @@ class MSMAConfig:
     ``paper_scores``: with features other than ``[norms]``, also fit the scorers on the L norms
     alone and report them as ``paper_<scorer>`` (``paper_gmm``, …), the paper's own numbers from the
     same network.
+
+    Voxel maps (``voxel_model``): ``norm`` maps the per-voxel score norm (the 2-D default);
+    ``gmm`` fits a Gaussian mixture of ``voxel_components`` on local score features (per level, the
+    log RMS of σ_i s_θ over a ``voxel_patch``³ neighbourhood) of ``voxel_samples`` foreground voxels
+    (intensity > ``foreground``) from each of the first ``voxel_images`` training images, and maps
+    each voxel's surprise −log p above the inlier voxels' median, in nats; it also gives the scan
+    score ``voxel_tail`` (minus the mean of the map's top ``tail_fraction`` of foreground voxels).
     """
 
     features: list[str] = field(default_factory=lambda: ["norms"])
     bands: int = 8
     band_range: list[float] = field(default_factory=lambda: [0.1, 1.0])
     paper_scores: bool = True
+    voxel_model: str = "norm"
+    voxel_components: int = 8
+    voxel_patch: int = 3
+    voxel_images: int = 48
+    voxel_samples: int = 2000
+    foreground: float = 0.05
+    tail_fraction: float = 0.001
 
 
 def _default_scorers() -> dict[str, dict[str, Any]]:
@@ -300,7 +318,7 @@ def _checked(value: Any, annotation: str, where: str) -> Any:
 # traceback deep in the code). tests/test_config.py checks these against the code that uses them.
 METHODS = ("msma", "glow", "fanogan", "resnet", "simple")
 DATASETS = ("abcd", "brats", "natural")
-PRESETS = ("t1", "brats")
+PRESETS = ("t1", "t1_volume", "brats")
 SLICE_FITS = ("pad", "resize")
 AGE_UNITS = ("auto", "years", "months", "weeks", "days")
 # Also accepted, as neuro_ood.data.cohort reads them (case-insensitive): singular and one-letter forms.
@@ -317,6 +335,7 @@ REGISTRATIONS = ("none", "mni152")
 STANDARDISATIONS = ("percentile", "white_matter")
 IMAGE_CHANNELS = (None, 1, 3)
 MSMA_FEATURES = ("norms", "band_means", "band_rms")
+VOXEL_MODELS = ("norm", "gmm")
 RESNET_DEPTHS = (10, 18, 34, 50)
 #: Registry names of neuro_ood.scorers.SCORERS (not imported here: the scorers pull in torch).
 SCORER_NAMES = ("gmm", "knn", "maf")
@@ -347,7 +366,7 @@ def _check_choices(cfg: "ExperimentConfig", problems: list[str]) -> None:
     if p.registration != "none" and (len(set(p.spacing_mm)) != 1 or not float(p.spacing_mm[0]).is_integer()):
         problems.append(f"preprocessing.registration needs an isotropic spacing in whole mm (the template's grid), "
                         f"got spacing_mm {p.spacing_mm}")
-    if p.registration != "none" and p.preset != "t1":
+    if p.registration != "none" and p.preset not in ("t1", "t1_volume"):
         problems.append(f"preprocessing.registration is for the t1 preset, not {p.preset!r}")
     if cfg.data.age_unit.lower() not in AGE_UNITS + _AGE_UNIT_ALIASES:
         problems.append(f"data.age_unit must be one of {', '.join(AGE_UNITS)}, got {cfg.data.age_unit!r}")
@@ -367,6 +386,7 @@ def _check_choices(cfg: "ExperimentConfig", problems: list[str]) -> None:
     _one_of(problems, "resnet.depth", cfg.resnet.depth, RESNET_DEPTHS)
     for k, name in enumerate(cfg.msma.features):
         _one_of(problems, f"msma.features[{k}]", name, MSMA_FEATURES)
+    _one_of(problems, "msma.voxel_model", cfg.msma.voxel_model, VOXEL_MODELS)
     if cfg.method in ("msma", "simple") and cfg.score.primary not in cfg.scorers:
         problems.append(f"score.primary must be one of the {cfg.method} scorers ({', '.join(sorted(cfg.scorers))}), "
                         f"got {cfg.score.primary!r}")
@@ -379,6 +399,8 @@ def _check_shapes(cfg: "ExperimentConfig", problems: list[str]) -> None:
         problems.append(f"preprocessing.spacing_mm must be 3 positive sizes in mm, got {p.spacing_mm}")
     if len(p.slice_size) != 2 or min(p.slice_size, default=0) < 1:
         problems.append(f"preprocessing.slice_size must be [H, W] ≥ 1, got {p.slice_size}")
+    if len(p.volume_size) != 3 or min(p.volume_size, default=0) < 1:
+        problems.append(f"preprocessing.volume_size must be [X, Y, Z] ≥ 1 voxels, got {p.volume_size}")
     low_high = p.intensity_percentiles
     if len(low_high) != 2 or not 0 <= low_high[0] < low_high[1] <= 100:
         problems.append(f"preprocessing.intensity_percentiles must be [low, high] with 0 ≤ low < high ≤ 100, "

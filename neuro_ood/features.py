@@ -17,7 +17,7 @@ from neuro_ood.backbones.glow import bits_per_dim
 from neuro_ood.backbones.glow_inputs import center_bins, dequantize, to_glow_input
 
 
-def _scaled_scores(model: nn.Module, x: torch.Tensor | np.ndarray, sigmas: torch.Tensor, batch_size: int):
+def scaled_scores(model: nn.Module, x: torch.Tensor | np.ndarray, sigmas: torch.Tensor, batch_size: int):
     """Yield ``(batch (b, C, *spatial), σ_i s_θ(batch, σ_i) (b, L, C, *spatial))`` over ``x`` on the
     model's device; all L levels of a batch go through the network in one pass (the batch is
     repeated L times, image-major)."""
@@ -54,7 +54,7 @@ def score_norms(model: nn.Module, x: torch.Tensor | np.ndarray, sigmas: torch.Te
     """
     levels = len(sigmas)
     norms, maps = [], []
-    for _, scaled in _scaled_scores(model, x, sigmas, batch_size):
+    for _, scaled in scaled_scores(model, x, sigmas, batch_size):
         norms.append(scaled.flatten(2).norm(dim=2).cpu().double())
         if return_maps:
             maps.append(scaled.norm(dim=2).cpu())
@@ -89,33 +89,55 @@ def score_features(model: nn.Module, x: torch.Tensor | np.ndarray, sigmas: torch
     ``x`` ``(N, C, *spatial)`` in the preprocessing's [0, 1] scale -> float64 ``(N, F)``,
     F = :func:`score_feature_size`.
     """
+    x = torch.as_tensor(x, dtype=torch.float32)
+    levels, channels = len(sigmas), (x.shape[1] if x.dim() > 1 else 1)
+    rows = [features_of_scaled(batch, scaled, kinds, bands, band_range).cpu().double()
+            for batch, scaled in scaled_scores(model, x, sigmas, batch_size)]
+    if not rows:
+        _check_kinds(kinds)
+        return np.zeros((0, score_feature_size(kinds, levels, channels, bands)))
+    return torch.cat(rows).numpy()
+
+
+def _check_kinds(kinds) -> None:
     unknown = [k for k in kinds if k not in SCORE_FEATURES]
     if unknown:
         raise ValueError(f"unknown score feature(s) {unknown}; use {', '.join(SCORE_FEATURES)}")
-    x = torch.as_tensor(x, dtype=torch.float32)
-    levels, channels = len(sigmas), (x.shape[1] if x.dim() > 1 else 1)
-    edges = torch.linspace(float(band_range[0]), float(band_range[1]), bands + 1)
-    rows = []
-    for batch, scaled in _scaled_scores(model, x, sigmas, batch_size):
-        parts = []
-        band = torch.bucketize(batch.contiguous(), edges.to(batch.device), right=True) - 1   # (b, C, *spatial)
-        band[batch == edges[-1]] = bands - 1
-        in_band = torch.stack([band == k for k in range(bands)], dim=2).float()   # (b, C, bands, *spatial)
-        count = in_band.flatten(3).sum(3).unsqueeze(1)                            # (b, 1, C, bands)
-        masks = in_band.unsqueeze(1)                                               # (b, 1, C, bands, *spatial)
-        for kind in kinds:
-            if kind == "norms":
-                parts.append(scaled.flatten(2).norm(dim=2))
-            elif kind == "band_means":
-                total = (scaled.unsqueeze(3) * masks).flatten(4).sum(4)            # (b, L, C, bands)
-                parts.append((total / count.clamp(min=1)).flatten(1))
-            else:
-                total = (scaled.unsqueeze(3).square() * masks).flatten(4).sum(4)
-                parts.append((total / count.clamp(min=1)).sqrt().flatten(1))
-        rows.append(torch.cat(parts, dim=1).cpu().double())
-    if not rows:
-        return np.zeros((0, score_feature_size(kinds, levels, channels, bands)))
-    return torch.cat(rows).numpy()
+
+
+def features_of_scaled(batch: torch.Tensor, scaled: torch.Tensor, kinds=("norms",), bands: int = 8,
+                       band_range=(0.1, 1.0)) -> torch.Tensor:
+    """:func:`score_features` of one batch from its scaled scores: ``batch (b, C, *spatial)``,
+    ``scaled (b, L, C, *spatial)`` -> ``(b, F)`` float32."""
+    _check_kinds(kinds)
+    edges = torch.linspace(float(band_range[0]), float(band_range[1]), bands + 1, device=batch.device)
+    band = torch.bucketize(batch.contiguous(), edges, right=True) - 1   # (b, C, *spatial)
+    band[batch == edges[-1]] = bands - 1
+    in_band = torch.stack([band == k for k in range(bands)], dim=2).float()   # (b, C, bands, *spatial)
+    count = in_band.flatten(3).sum(3).unsqueeze(1)                            # (b, 1, C, bands)
+    masks = in_band.unsqueeze(1)                                               # (b, 1, C, bands, *spatial)
+    parts = []
+    for kind in kinds:
+        if kind == "norms":
+            parts.append(scaled.flatten(2).norm(dim=2))
+        elif kind == "band_means":
+            total = (scaled.unsqueeze(3) * masks).flatten(4).sum(4)            # (b, L, C, bands)
+            parts.append((total / count.clamp(min=1)).flatten(1))
+        else:
+            total = (scaled.unsqueeze(3).square() * masks).flatten(4).sum(4)
+            parts.append((total / count.clamp(min=1)).sqrt().flatten(1))
+    return torch.cat(parts, dim=1).float()
+
+
+def local_score_features(scaled: torch.Tensor, patch: int = 3) -> torch.Tensor:
+    """Per-voxel features of the scaled scores for a voxel-level density model (as in MSMA's 3-D
+    follow-up): for each level i, ``½ log(mean over a patch³ neighbourhood of Σ_c (σ_i s_θ)² + 1e-8)``,
+    the log local RMS of the score. ``scaled (b, L, C, *spatial)`` -> ``(b, L, *spatial)`` float32."""
+    energy = scaled.float().square().sum(dim=2)                                # (b, L, *spatial)
+    if patch > 1:
+        pool = torch.nn.functional.avg_pool3d if energy.dim() == 5 else torch.nn.functional.avg_pool2d
+        energy = pool(energy, patch, stride=1, padding=patch // 2, count_include_pad=False)
+    return 0.5 * torch.log(energy + 1e-8)
 
 
 NONFINITE_LOGLIK = -3e6

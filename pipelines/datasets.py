@@ -4,8 +4,9 @@ An adapter turns a data folder into :class:`Source` objects (one per scan or cas
 source into named arrays (cached), and cuts the arrays into :class:`Item` objects — the units that
 get one score each:
 
-- ``abcd`` (T1 preset): a source is a T1 scan, an item is that scan (its three slices) grouped by
-  age in whole years; inliers are scans aged within ``data.inlier_ages``.
+- ``abcd`` (T1 presets): a source is a T1 scan, an item is that scan (its three slices, or with
+  ``t1_volume`` its whole volume) grouped by age in whole years; inliers are scans aged within
+  ``data.inlier_ages``.
 - ``brats`` (BRATS preset): a source is a case (four modalities + optional segmentation), an item is
   one axial slice grouped as ``tumour`` (at least ``min_tumour_voxels`` tumour voxels) / ``no tumour``
   (none at all); inliers are the tumour-free slices; slices with a few tumour voxels get no group.
@@ -24,7 +25,7 @@ from neuro_ood.data.brats import BratsCase, find_brats_case, find_brats_cases
 from neuro_ood.data.cohort import Scan, age_group, load_cohort
 from neuro_ood.errors import ConfigError
 from neuro_ood.preprocessing.brats import NO_TUMOUR, TUMOUR, BratsSlicePreprocessor, tumour_group
-from neuro_ood.preprocessing.presets import T1SlicePreprocessor, preprocessing_fingerprint
+from neuro_ood.preprocessing.presets import T1SlicePreprocessor, T1VolumePreprocessor, preprocessing_fingerprint
 
 
 @dataclass
@@ -39,8 +40,10 @@ class Source:
 
 @dataclass
 class Item:
-    """One scored unit. ``slices``: ``(S, C, H, W)`` float32 in [0, 1]; ``group``: its evaluation group;
-    ``acquisition``: the scan's acquisition-level properties ``(F,)`` where the preset gives them."""
+    """One scored unit. ``slices``: ``(S, C, H, W)`` float32 in [0, 1] (a volume preset: one volume
+    ``(1, C, X, Y, Z)``); ``group``: its evaluation group; ``acquisition``: the scan's
+    acquisition-level properties ``(F,)`` where the preset gives them; ``box_to_scan``: (4, 4) the
+    volume's voxel -> the scan's world mm (volume presets)."""
 
     key: str
     subject: str
@@ -48,18 +51,20 @@ class Item:
     group: str | None
     slices: np.ndarray
     acquisition: np.ndarray | None = None
+    box_to_scan: np.ndarray | None = None
 
 
 class T1AgeCohort:
     """ABCD / EBDS style cohorts of T1 scans with ages; see the module docstring."""
 
-    preset, group_by, unit = "t1", "age", "scan"
-    cached_arrays = ("slices", "acquisition")
+    presets, group_by, unit = ("t1", "t1_volume"), "age", "scan"
 
     def __init__(self, cfg: ExperimentConfig):
         self.cfg = cfg
         self.fingerprint = preprocessing_fingerprint(cfg.preprocessing)
-        self.preprocess_scan = T1SlicePreprocessor(cfg.preprocessing)
+        volume = cfg.preprocessing.preset == "t1_volume"
+        self.preprocess_scan = (T1VolumePreprocessor if volume else T1SlicePreprocessor)(cfg.preprocessing)
+        self.cached_arrays = ("slices", "acquisition", "box_to_scan") if volume else ("slices", "acquisition")
 
     def sources(self, data_dir: str | Path) -> list[Source]:
         return [self._source(scan) for scan in load_cohort(data_dir, self.cfg.data)]
@@ -74,16 +79,17 @@ class T1AgeCohort:
     def has_inliers(self, source: Source) -> bool:
         low, high = self.cfg.data.inlier_ages
         age = source.payload.age_years
-        return age is not None and low <= age <= high
+        return age is not None and low <= age <= high and not source.payload.lesion
 
     def preprocess(self, source: Source) -> dict[str, np.ndarray]:
         return self.preprocess_scan.arrays(source.payload.path)
 
     def items(self, source: Source, arrays: dict[str, np.ndarray]) -> list[Item]:
         scan: Scan = source.payload
-        group = age_group(scan.age_years) if scan.age_years is not None else None
+        # A scan with a lesion is evaluated as its own group, whatever its age.
+        group = "lesion" if scan.lesion else age_group(scan.age_years) if scan.age_years is not None else None
         return [Item(key=scan.key, subject=scan.subject, label=source.label, group=group, slices=arrays["slices"],
-                     acquisition=arrays.get("acquisition"))]
+                     acquisition=arrays.get("acquisition"), box_to_scan=arrays.get("box_to_scan"))]
 
     def is_inlier(self, item: Item) -> bool:
         return True  # every item of an inlier source is an inlier scan
@@ -93,7 +99,7 @@ class BratsTumourCohort:
     """BraTS cases: slices without any tumour voxel are inliers, slices with at least
     ``preprocessing.min_tumour_voxels`` are outliers; slices in between get no group."""
 
-    preset, group_by, unit = "brats", "tumour", "slice"
+    presets, group_by, unit = ("brats",), "tumour", "slice"
     inlier_group, outlier_group = NO_TUMOUR, TUMOUR
 
     def __init__(self, cfg: ExperimentConfig):
@@ -144,8 +150,8 @@ def dataset_adapter(cfg: ExperimentConfig):
     if cfg.dataset not in ADAPTERS:
         raise ConfigError(f"unknown dataset {cfg.dataset!r}; choose one of {', '.join(ADAPTERS)}")
     adapter = ADAPTERS[cfg.dataset]
-    if cfg.preprocessing.preset != adapter.preset:
-        raise ConfigError(f"dataset {cfg.dataset!r} needs preprocessing.preset {adapter.preset!r}, "
+    if cfg.preprocessing.preset not in adapter.presets:
+        raise ConfigError(f"dataset {cfg.dataset!r} needs preprocessing.preset {' or '.join(map(repr, adapter.presets))}, "
                           f"the config has {cfg.preprocessing.preset!r}")
     return adapter(cfg)
 

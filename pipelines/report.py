@@ -132,7 +132,7 @@ def open_cohort(adapter, inputs: Sequence[str | Path]) -> Cohort:
     if len(inputs) == 1 and not first.exists():
         raise CohortError(f"{first}: no such folder, table or scan")
     if len(inputs) == 1 and (first.is_dir() or first.suffix.lower() in (".csv", ".tsv")):
-        kind = "table" if first.is_file() else ("brats" if adapter.preset == "brats" else "bids")
+        kind = "table" if first.is_file() else ("brats" if "brats" in adapter.presets else "bids")
         root = first.parent if kind == "table" else first
         return Cohort(kind, root, first.name, adapter.sources(first), [])
     sources, failures = sources_of_paths(adapter, inputs)

@@ -41,7 +41,7 @@ def test_bad_values_are_refused(override, message):
 @pytest.mark.parametrize("override,key,bad,valid", [
     ("method=msmaa", "method", "msmaa", "msma, glow, fanogan, resnet"),
     ("dataset=abdc", "dataset", "abdc", "abcd, brats, natural"),
-    ("preprocessing.preset=T1", "preprocessing.preset", "T1", "t1, brats"),
+    ("preprocessing.preset=T1", "preprocessing.preset", "T1", "t1, t1_volume, brats"),
     ("preprocessing.slice_fit=crop", "preprocessing.slice_fit", "crop", "pad, resize"),
     ("data.age_unit=decades", "data.age_unit", "decades", "auto, years, months, weeks, days"),
     ("preprocessing.modalities=[t1, t1c]", "preprocessing.modalities", "t1c", "t1, t1ce, t2, flair"),

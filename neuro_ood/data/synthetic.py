@@ -23,6 +23,10 @@ outside the inlier range; the paper's gradation (1 y easiest, 6 y hardest) follo
 
 Volumes are stored in a random axis orientation (RAS, LAS or LPS) with a matching affine, so
 that the world-space image does not depend on it.
+
+Optional lesion subjects (:func:`synthesize_t1_with_lesions`, ``n_lesion`` of
+:func:`write_synthetic_cohort`) get 1-3 focal lesions (:mod:`neuro_ood.data.lesions`) blended into
+the clean contrast before the bias field and noise, with a binary mask on the same grid.
 """
 
 from __future__ import annotations
@@ -31,12 +35,14 @@ import functools
 import gzip
 import pathlib
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
+from neuro_ood.data.lesions import POLARITIES, LesionSpec, draw_lesions
 from neuro_ood.io import atomic_write, write_json, write_text
 
 TEMPLATE_MM = 2.0
@@ -111,6 +117,15 @@ def _reorient(data: np.ndarray, affine: np.ndarray, code: str) -> tuple[np.ndarr
     return np.ascontiguousarray(np.flip(data, ORIENTATIONS[code])), affine
 
 
+class LesionedT1(NamedTuple):
+    """A synthetic T1w image with lesions: ``image`` (int16), ``mask`` (uint8 binary lesion mask,
+    same shape, affine and axis order) and the ``lesions`` drawn, centres in world mm."""
+
+    image: nib.Nifti1Image
+    mask: nib.Nifti1Image
+    lesions: tuple[LesionSpec, ...]
+
+
 def synthesize_t1(
     age_years: float, rng: np.random.Generator, resolution_mm: float = 2.0, nuisance: bool = True
 ) -> nib.Nifti1Image:
@@ -121,6 +136,50 @@ def synthesize_t1(
     from ``rng``. Intensities are scanner-like: CSF ~250, GM ~650, adult WM ~900, background ~0
     plus noise. ``nuisance=False`` drops all per-subject variation, leaving the age effects.
     """
+    return _synthesize(age_years, rng, resolution_mm, nuisance)[0]
+
+
+def synthesize_t1_with_lesions(
+    age_years: float,
+    rng: np.random.Generator,
+    resolution_mm: float = 2.0,
+    nuisance: bool = True,
+    polarity: str = "mixed",
+    lesion_rng: np.random.Generator | None = None,
+) -> LesionedT1:
+    """:func:`synthesize_t1` with 1-3 lesions (:mod:`neuro_ood.data.lesions`) of ``polarity``
+    ``hyper``, ``hypo`` or ``mixed``.
+
+    The lesions are drawn from ``lesion_rng`` (default: a child stream spawned from ``rng``), so
+    ``rng`` makes the same draws as in :func:`synthesize_t1`: outside the lesions the image is
+    identical to ``synthesize_t1(age_years, <same rng>, ...)``. They are blended into the clean
+    contrast before the bias field and Rician noise, and the mask gets the image's reorientation.
+    """
+    if polarity not in POLARITIES:
+        raise ValueError(f"lesion polarity must be one of {', '.join(POLARITIES)}, got {polarity!r}")
+    lesion_rng = rng.spawn(1)[0] if lesion_rng is None else lesion_rng
+    image, mask, specs = _synthesize(age_years, rng, resolution_mm, nuisance, (lesion_rng, polarity))
+    return LesionedT1(image, mask, specs)
+
+
+def _nifti(data: np.ndarray, out_affine: np.ndarray, code: str) -> nib.Nifti1Image:
+    """``data`` (RAS voxel order on the grid ``out_affine``) stored in orientation ``code``."""
+    data, affine = _reorient(data, out_affine, code)
+    out = nib.Nifti1Image(data, affine)
+    out.set_sform(affine, code=1)
+    out.set_qform(affine, code=1)
+    out.header.set_xyzt_units("mm")
+    return out
+
+
+def _synthesize(
+    age_years: float,
+    rng: np.random.Generator,
+    resolution_mm: float,
+    nuisance: bool,
+    lesions: tuple[np.random.Generator, str] | None = None,
+) -> tuple[nib.Nifti1Image, nib.Nifti1Image | None, tuple[LesionSpec, ...]]:
+    """Image, lesion mask (None without ``lesions``: a ``(lesion_rng, polarity)`` pair) and lesions."""
     if resolution_mm <= 0:
         raise ValueError(f"resolution_mm must be positive, got {resolution_mm}")
     tissue, out_shape, out_affine = _grid(float(resolution_mm))
@@ -161,18 +220,26 @@ def synthesize_t1(
 
     contrast = np.tensordot(intensity.astype(np.float32), tissue, axes=1)
     img = ndimage.map_coordinates(contrast, coords, order=1, mode="constant", cval=0.0, prefilter=False)
+    drawn = None
+    if lesions is not None:  # on the subject's own anatomy: the tissue maps warped like the image
+        warped = np.stack([ndimage.map_coordinates(t, coords, order=1, mode="constant", cval=0.0, prefilter=False)
+                           for t in tissue])
+        drawn = draw_lesions(lesions[0], warped, out_affine, polarity=lesions[1])
+        img = drawn.insert(img, intensity)
     if nuisance:
         img *= bias
         noise = rng.standard_normal((2,) + shape, dtype=np.float32) * np.float32(noise_sd)
         img = np.hypot(img + noise[0], noise[1])
 
     data = np.clip(np.rint(img), 0, np.iinfo(np.int16).max).astype(np.int16)
-    data, affine = _reorient(data, out_affine, code)
-    out = nib.Nifti1Image(data, affine)
-    out.set_sform(affine, code=1)
-    out.set_qform(affine, code=1)
-    out.header.set_xyzt_units("mm")
-    return out
+    if drawn is None:
+        return _nifti(data, out_affine, code), None, ()
+    return _nifti(data, out_affine, code), _nifti(drawn.binary.astype(np.uint8), out_affine, code), drawn.specs
+
+
+def _write_nifti_gz(path: pathlib.Path, img: nib.Nifti1Image) -> None:
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(gzip.compress(img.to_bytes(), compresslevel=1))
 
 
 def write_synthetic_cohort(
@@ -183,22 +250,35 @@ def write_synthetic_cohort(
     seed: int = 0,
     inlier_age_range: tuple[float, float] = (9.0, 11.0),
     resolution_mm: float = 2.0,
+    n_lesion: int = 0,
+    lesion_polarity: str = "mixed",
 ) -> pathlib.Path:
     """Write a BIDS raw dataset of ``n_inliers`` inliers and ``per_age`` children per age in ``ages``.
 
     Inliers (group ``inlier``, ages uniform in ``inlier_age_range``) come first as
-    ``sub-0001``...; then the outliers (group ``age-<a>``, age exactly ``a``). Each subject draws
-    from its own generator seeded by ``(seed, group, index)``, so adding subjects leaves earlier
-    ones unchanged. Returns ``out_dir`` as a ``pathlib.Path``.
+    ``sub-0001``...; then the outliers (group ``age-<a>``, age exactly ``a``); then ``n_lesion``
+    subjects with 1-3 lesions of ``lesion_polarity`` (``hyper``, ``hypo`` or ``mixed``; group
+    ``lesion``, ages uniform in ``inlier_age_range``), whose binary masks go to
+    ``derivatives/lesions/sub-X/anat/sub-X_label-lesion_mask.nii.gz`` (uint8, the T1w's grid).
+    With lesion subjects, ``participants.tsv`` also has ``lesion`` (``n/a``, or the polarity the
+    subject got: ``hyper``, ``hypo`` or ``mixed``) and ``lesion_volume_ml`` (binary mask volume).
+    Each subject draws from its own generator seeded by ``(seed, group, index)``, so adding
+    subjects leaves earlier ones unchanged. Returns ``out_dir`` as a ``pathlib.Path``.
     """
+    if lesion_polarity not in POLARITIES:
+        raise ValueError(f"lesion polarity must be one of {', '.join(POLARITIES)}, got {lesion_polarity!r}")
+    if n_lesion < 0:
+        raise ValueError(f"n_lesion must be >= 0, got {n_lesion}")
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     subjects = [(np.random.default_rng([seed, 0, i]), None, "inlier") for i in range(n_inliers)]
     for a in ages:
         key = int(round(float(a) * 1000))
         subjects += [(np.random.default_rng([seed, 1, key, j]), float(a), f"age-{a:g}") for j in range(per_age)]
+    subjects += [(np.random.default_rng([seed, 2, j]), None, "lesion") for j in range(n_lesion)]
 
-    rows = ["participant_id\tage\tsex\tgroup"]
+    derivatives = out_dir / "derivatives" / "lesions"
+    rows = ["participant_id\tage\tsex\tgroup" + ("\tlesion\tlesion_volume_ml" if n_lesion else "")]
     for n, (rng, age, group) in enumerate(subjects, start=1):
         if age is None:
             age = float(rng.uniform(*inlier_age_range))
@@ -206,9 +286,19 @@ def write_synthetic_cohort(
         sub = f"sub-{n:04d}"
         anat = out_dir / sub / "anat"
         anat.mkdir(parents=True, exist_ok=True)
-        with atomic_write(anat / f"{sub}_T1w.nii.gz") as tmp:
-            tmp.write_bytes(gzip.compress(synthesize_t1(age, rng, resolution_mm).to_bytes(), compresslevel=1))
-        rows.append(f"{sub}\t{age:.2f}\t{sex}\t{group}")
+        row = f"{sub}\t{age:.2f}\t{sex}\t{group}"
+        if group == "lesion":
+            img, mask, specs = synthesize_t1_with_lesions(age, rng, resolution_mm, polarity=lesion_polarity)
+            _write_nifti_gz(derivatives / sub / "anat" / f"{sub}_label-lesion_mask.nii.gz", mask)
+            voxel_ml = abs(np.linalg.det(mask.affine[:3, :3])) / 1000.0
+            volume = float(np.count_nonzero(np.asanyarray(mask.dataobj))) * voxel_ml
+            kinds = {spec.polarity for spec in specs}
+            row += f"\t{kinds.pop() if len(kinds) == 1 else 'mixed'}\t{volume:.3f}"
+        else:
+            img = synthesize_t1(age, rng, resolution_mm)
+            row += "\tn/a\tn/a" if n_lesion else ""
+        _write_nifti_gz(anat / f"{sub}_T1w.nii.gz", img)
+        rows.append(row)
 
     write_text(out_dir / "participants.tsv", "\n".join(rows) + "\n")
     description = {
@@ -222,6 +312,24 @@ def write_synthetic_cohort(
         "sex": {"Description": "Sex", "Levels": {"M": "male", "F": "female"}},
         "group": {"Description": "'inlier' (training age range) or 'age-<a>' (younger outlier group)"},
     }
+    if n_lesion:
+        sidecar["group"]["Description"] += " or 'lesion' (training age range, with synthetic lesions)"
+        sidecar["lesion"] = {
+            "Description": "Polarity of the synthetic lesions on T1 relative to the surrounding tissue; masks in "
+                           "derivatives/lesions/sub-<label>/anat/sub-<label>_label-lesion_mask.nii.gz",
+            "Levels": {"hyper": "all lesions hyperintense (1.3-1.6 x white matter)",
+                       "hypo": "all lesions hypointense (CSF-like to 0.5 x grey matter)",
+                       "mixed": "both hyper- and hypointense lesions", "n/a": "no lesion"},
+        }
+        sidecar["lesion_volume_ml"] = {"Description": "Volume of the binary lesion mask", "Units": "ml"}
+        write_json(derivatives / "dataset_description.json", {
+            "Name": "neuro-ood synthetic lesion masks",
+            "BIDSVersion": "1.8.0",
+            "DatasetType": "derivative",
+            "GeneratedBy": [{"Name": "neuro-ood synth",
+                             "Description": "synthetic lesions inserted before bias field and noise; binary "
+                                            "masks (soft mask > 0.5) on each T1w's grid"}],
+        })
     write_json(out_dir / "dataset_description.json", description)
     write_json(out_dir / "participants.json", sidecar)
     return out_dir

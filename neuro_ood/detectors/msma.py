@@ -3,26 +3,38 @@ per image, and auxiliary scorers (GMM, MAF, k-NN) fitted on inlier norm vectors.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from neuro_ood.detectors.base import Progress, to_tensor
+from neuro_ood.detectors.base import Progress, _no_progress, to_tensor
 from neuro_ood.detectors.featured import FeatureScorerDetector
-from neuro_ood.features import score_feature_size, score_features, score_norms
+from neuro_ood.features import (features_of_scaled, local_score_features, scaled_scores, score_feature_size,
+                                score_norms)
+from neuro_ood.scorers import GMMScorer, load_scorers, save_scorers
 from neuro_ood.trainer import sample_rows
 from neuro_ood.trainer.steps import dsm_step_fn
+
+VOXEL_DIR = "voxel_model"   # the voxel-level density model, beside the detector's scorers
 
 
 class MSMADetector(FeatureScorerDetector):
     """Features: per slice, those of ``msma.features`` (:func:`~neuro_ood.features.score_features`) —
     by default the paper's ``(L,)`` score norms ‖σ_i s_θ(x, σ_i)‖₂; scores: the auxiliary scorers' on
     them (see :class:`~neuro_ood.detectors.featured.FeatureScorerDetector`). Maps: the per-voxel score
-    norm ``sqrt(Σ_i ‖σ_i s_θ(x, σ_i)‖²)`` over channels."""
+    norm ``sqrt(Σ_i ‖σ_i s_θ(x, σ_i)‖²)`` over channels, or with ``msma.voxel_model: gmm`` the
+    surprise of each voxel's local score features under a mixture fitted on inlier voxels (plus the
+    scan score ``voxel_tail``), see :class:`~neuro_ood.config.MSMAConfig`."""
 
     method = "msma"
     localises = True
+
+    def __init__(self, cfg, device=None):
+        super().__init__(cfg, device)
+        self.voxel_scorer: GMMScorer | None = None
+        self.voxel_median = 0.0     # median surprise −log p of the inlier voxels it was fitted on, nats
 
     @property
     def sigmas(self) -> torch.Tensor:
@@ -39,9 +51,93 @@ class MSMADetector(FeatureScorerDetector):
 
     def row_features(self, x: np.ndarray) -> np.ndarray:
         """``x (B, C, *spatial)`` -> ``(B, F)`` float64: the :attr:`feature_kinds` of each image."""
+        return self._pass(x)[0]
+
+    @torch.no_grad()
+    def _pass(self, x: np.ndarray, want_local: bool = False):
+        """One pass of ``x (B, C, *spatial)`` through the network at all L levels: the rows
+        ``(B, F)`` float64 and, with ``want_local``, the local score features ``(B, L, *spatial)``."""
         m = self.cfg.msma
-        return score_features(self.scoring_network, x, self.sigmas, kinds=self.feature_kinds, bands=m.bands,
-                              band_range=tuple(m.band_range), batch_size=max(1, self.cfg.training.feature_batch_size))
+        rows, local = [], []
+        for batch, scaled in scaled_scores(self.scoring_network, x, self.sigmas,
+                                           max(1, self.cfg.training.feature_batch_size)):
+            rows.append(features_of_scaled(batch, scaled, self.feature_kinds, m.bands, m.band_range).cpu().double())
+            if want_local:
+                local.append(local_score_features(scaled, m.voxel_patch).cpu())
+        if not rows:
+            size = score_feature_size(self.feature_kinds, len(self.sigmas), int(self.input_shape[0]), m.bands)
+            return np.zeros((0, size)), (np.zeros((0, len(self.sigmas), *np.shape(x)[2:]), np.float32) if want_local else None)
+        return torch.cat(rows).numpy(), (torch.cat(local).numpy() if want_local else None)
+
+    def _foreground(self, x: np.ndarray) -> np.ndarray:
+        """``x (B, C, *spatial)`` -> bool ``(B, *spatial)``: voxels above ``msma.foreground`` in any channel."""
+        return np.asarray(x).max(axis=1) > self.cfg.msma.foreground
+
+    def _surprise(self, local: np.ndarray, foreground: np.ndarray) -> np.ndarray:
+        """The voxel map from local features ``(B, L, *spatial)``: −log p − the inlier median, at
+        least 0, inside ``foreground``; 0 outside. ``(B, *spatial)`` float32, nats."""
+        out = np.zeros(foreground.shape, np.float32)
+        rows = np.moveaxis(local, 1, -1)[foreground]                  # (V, L)
+        if len(rows):
+            out[foreground] = np.maximum(-self.voxel_scorer.score_samples(rows) - self.voxel_median, 0.0)
+        return out
+
+    def _tail(self, surprise: np.ndarray, foreground: np.ndarray) -> np.ndarray:
+        """``voxel_tail`` per image: minus the mean of the top ``msma.tail_fraction`` foreground voxels."""
+        tails = []
+        for heat, inside in zip(surprise, foreground):
+            values = np.sort(heat[inside])[::-1]
+            k = max(1, int(round(self.cfg.msma.tail_fraction * len(values))))
+            tails.append(-float(values[:k].mean()) if len(values) else 0.0)
+        return np.array(tails)
+
+    def score_samples(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """The auxiliary scorers' scores and, with a voxel model, ``voxel_tail`` (higher = more typical)."""
+        if self.voxel_scorer is None:
+            return super().score_samples(x)
+        chunk = max(1, self.cfg.training.feature_batch_size)
+        rows, tails = [], []
+        for start in range(0, len(x), chunk):
+            part = x[start:start + chunk]
+            features, local = self._pass(part, want_local=True)
+            foreground = self._foreground(part)
+            rows.append(features)
+            tails.append(self._tail(self._surprise(local, foreground), foreground))
+        views = self.feature_views(np.concatenate(rows))
+        scores = {name: scorer.score_samples(views[self._view_of(name, views)])
+                  for name, scorer in self.scorers.items()}
+        scores["voxel_tail"] = np.concatenate(tails)
+        return scores
+
+    def fit_voxel_model(self, x: np.ndarray, progress: Progress | None = None) -> None:
+        """Fit the voxel-level mixture on local score features of the first ``msma.voxel_images``
+        images of ``x (N, C, *spatial)``, ``msma.voxel_samples`` foreground voxels from each."""
+        m, progress = self.cfg.msma, progress or _no_progress
+        rng = np.random.default_rng(self.cfg.training.seed)
+        images = x[:max(1, m.voxel_images)]
+        samples = []
+        for start in range(len(images)):
+            _, local = self._pass(images[start:start + 1], want_local=True)
+            rows = np.moveaxis(local[0], 0, -1)[self._foreground(images[start:start + 1])[0]]
+            samples.append(rows[rng.choice(len(rows), min(len(rows), m.voxel_samples), replace=False)])
+            progress("fit voxel model", start + 1, len(images) + 1, float("nan"))
+        samples = np.concatenate(samples)
+        self.voxel_scorer = GMMScorer(n_components=(m.voxel_components,), cv=2, random_state=self.cfg.training.seed)
+        self.voxel_scorer.fit(samples)
+        self.voxel_median = float(np.median(-self.voxel_scorer.score_samples(samples)))
+        progress("fit voxel model", len(images) + 1, len(images) + 1, float("nan"))
+
+    def _save_extra(self, directory: Path) -> None:
+        super()._save_extra(directory)
+        if self.voxel_scorer is not None:
+            save_scorers(directory / VOXEL_DIR, {"gmm": self.voxel_scorer})
+            self.meta["voxel_median"] = self.voxel_median
+
+    def _load_extra(self, directory: Path) -> None:
+        super()._load_extra(directory)
+        if self.cfg.msma.voxel_model == "gmm" and (directory / VOXEL_DIR).is_dir():
+            self.voxel_scorer = load_scorers(directory / VOXEL_DIR)["gmm"]
+            self.voxel_median = float(self.meta.get("voxel_median", 0.0))
 
     def feature_views(self, features: np.ndarray) -> dict[str, np.ndarray]:
         """``""``: the ``msma.features`` columns; with ``msma.paper_scores`` and other features than
@@ -72,10 +168,15 @@ class MSMADetector(FeatureScorerDetector):
         self._run_stage("train NCSN", step, sample_rows({"x": to_tensor(x)}, t.batch_size),
                         {"model": optimizer}, t.steps, checkpoint_dir, progress)
         self.fit_scorers(self.features(x, progress, "score features (train)"), groups, progress)
+        if self.cfg.msma.voxel_model == "gmm":
+            self.fit_voxel_model(x, progress)
         return self
 
     def maps(self, x: np.ndarray) -> np.ndarray:
         """``x (N, C, *spatial)`` -> ``(N, *spatial)`` float32, higher = more atypical."""
+        if self.voxel_scorer is not None:
+            return np.concatenate([self._surprise(self._pass(x[i:i + 1], want_local=True)[1], self._foreground(x[i:i + 1]))
+                                   for i in range(len(x))]) if len(x) else np.zeros((0, *np.shape(x)[2:]), np.float32)
         _, per_level = score_norms(self.scoring_network, x, self.sigmas,
                                    batch_size=self.cfg.training.feature_batch_size, return_maps=True)
         return np.sqrt((per_level ** 2).sum(axis=1))
