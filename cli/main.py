@@ -277,14 +277,15 @@ def evaluate(
     runs: List[Path] = typer.Option(..., "--run", help="Run directory; repeat to compare runs side by side."),
     data_dir: Path = typer.Option(..., "--data-dir", help="Cohort holding the outlier groups."),
     group_by: Optional[str] = typer.Option(None, "--group-by",
-                                           help="Grouping: age (T1 cohorts, default) or tumour (BraTS, default)."),
+                                           help="Grouping: age (T1 cohorts, default), lesion (T1 cohorts with "
+                                                "lesion masks: also voxel-level metrics) or tumour (BraTS, default)."),
     intersection: bool = typer.Option(False, "--intersection",
                                       help="Compare runs on the held-out subjects they share."),
     cache_dir: Optional[Path] = CacheOption,
 ):
     """Held-out inliers against each group (age; tumour): metric tables and RUN/metrics.json."""
     from neuro_ood.pipelines.evaluate import evaluate as run_evaluate
-    from neuro_ood.report import comparison_table, metrics_tables
+    from neuro_ood.report import comparison_table, localisation_table, metrics_tables
 
     metrics = run_evaluate(runs, data_dir, group_by=group_by, cache_dir=cache_dir, console=err_console,
                            intersection=intersection)
@@ -296,6 +297,9 @@ def evaluate(
     else:
         for table in metrics_tables(metrics):
             out_console.print(table)
+    located = localisation_table(metrics)
+    if located is not None:
+        out_console.print(located)
     out_console.print(f"metrics written to {Path(runs[0]) / 'metrics.json'}")
 
 
@@ -344,7 +348,7 @@ def quickstart(
     """Synthesise a cohort, train MSMA at CPU size and the simple baseline, evaluate by age side by side, print
     the table, write a report."""
     from neuro_ood.pipelines.quickstart import quickstart as run_quickstart
-    from neuro_ood.report import comparison_table, metrics_tables
+    from neuro_ood.report import comparison_table, localisation_table, metrics_tables
 
     metrics = run_quickstart(out, config=config, overrides=overrides, console=err_console,
                              baselines=with_baselines)

@@ -208,7 +208,7 @@ class MSMAConfig:
     Voxel maps (``voxel_model``): ``norm`` maps the per-voxel score norm (the 2-D default);
     ``gmm`` fits a Gaussian mixture of ``voxel_components`` on local score features (per level, the
     log RMS of σ_i s_θ over a ``voxel_patch``³ neighbourhood) of ``voxel_samples`` foreground voxels
-    (intensity > ``foreground``) from each of the first ``voxel_images`` training images, and maps
+    (3-voxel mean intensity > ``foreground``) from each of the first ``voxel_images`` training images, and maps
     each voxel's surprise −log p above the inlier voxels' median, in nats; it also gives the scan
     score ``voxel_tail`` (minus the mean of the map's top ``tail_fraction`` of foreground voxels).
     """
@@ -222,7 +222,7 @@ class MSMAConfig:
     voxel_patch: int = 3
     voxel_images: int = 48
     voxel_samples: int = 2000
-    foreground: float = 0.05
+    foreground: float = 0.1
     tail_fraction: float = 0.001
 
 

@@ -270,3 +270,12 @@ def intensity_baseline_maps(volume, region) -> dict[str, np.ndarray]:
     bright = np.where(region, np.clip(volume, 0.0, 1.0), 0.0).astype(np.float32)
     dark = np.where(region, 1.0 - bright, 0.0).astype(np.float32)
     return {"bright": bright, "dark": dark}
+
+
+def brain_region(volume, level: float = 0.1) -> np.ndarray:
+    """The voxels a map is judged on: those whose mean intensity over their 3×3×3 neighbourhood
+    (3×3 in 2-D) exceeds ``level`` on the [0, 1] scale — brain tissue and CSF, not background
+    (the local mean keeps isolated noise voxels out). ``volume (*spatial)`` -> bool, same shape."""
+    from scipy.ndimage import uniform_filter
+
+    return uniform_filter(np.asarray(volume, dtype=np.float32), size=3, mode="constant") > level

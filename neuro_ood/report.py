@@ -170,3 +170,76 @@ def save_anomaly_maps(out_dir: Path, name: str, slices: np.ndarray, maps: np.nda
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
     return [nifti_path, png_path]
+
+
+def _nifti_bytes(data: np.ndarray, affine: np.ndarray) -> bytes:
+    import nibabel as nib
+
+    image = nib.Nifti1Image(np.ascontiguousarray(data, dtype=np.float32), np.asarray(affine, np.float64))
+    image.set_sform(image.affine, code=1)   # scanner / aligned world: viewers place it by the affine
+    image.set_qform(image.affine, code=1)
+    image.header.set_xyzt_units("mm")
+    return gzip.compress(image.to_bytes(), compresslevel=1)
+
+
+def save_volume_maps(out_dir: Path, name: str, volume: np.ndarray, heat: np.ndarray, box_to_scan: np.ndarray,
+                     scan_shape: Sequence[int], scan_affine: np.ndarray, spacing_mm: Sequence[float],
+                     png: bool = True) -> list[Path]:
+    """Write a whole-volume anomaly map three ways; returns the paths written.
+
+    ``volume`` and ``heat`` ``(X, Y, Z)`` on the model's box (RAS, ``spacing_mm``), ``box_to_scan``
+    (4, 4) its voxel -> the scan's world mm; the scan's grid is ``scan_shape`` with ``scan_affine``.
+
+    - ``<name>_anomaly_map.nii.gz``: the map resampled onto the scan's own grid, with the scan's
+      affine: it overlays the input file in FSLeyes / ITK-SNAP / 3D Slicer as it is;
+    - ``<name>_anomaly_map_model.nii.gz`` and ``<name>_model_t1.nii.gz``: the map and the
+      preprocessed scan on the model's box (same world coordinates);
+    - with ``png``, ``<name>_anomaly_map.png``: three orthogonal planes through the map's hot spot.
+    """
+    from neuro_ood.overlay import three_plane_overlay
+    from neuro_ood.preprocessing.inverse import box_to_scan_grid
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in name).removesuffix(".nii.gz").removesuffix(".nii")
+    on_scan = box_to_scan_grid(heat, box_to_scan, scan_shape, scan_affine, order=1)
+    written = []
+    for suffix, data, affine in (("anomaly_map", on_scan, scan_affine), ("anomaly_map_model", heat, box_to_scan),
+                                 ("model_t1", volume, box_to_scan)):
+        path = out_dir / f"{stem}_{suffix}.nii.gz"
+        with atomic_write(path) as tmp:
+            tmp.write_bytes(_nifti_bytes(data, affine))
+        written.append(path)
+    if png:
+        path = out_dir / f"{stem}_anomaly_map.png"
+        three_plane_overlay(volume, heat, spacing_mm, path, title=f"{name}: anomaly map (nats above inlier median)")
+        written.append(path)
+    return written
+
+
+def localisation_table(metrics: dict[str, Any]) -> Table | None:
+    """Voxel-level localisation on the lesion scans (``evaluate --group-by lesion``): per localising
+    run its maps, and intensity thresholding on the same voxels; pooled (one global threshold) and
+    mean over scans, in %. None when no run produced voxel metrics."""
+    located = metrics.get("localisation") or {}
+    if not located:
+        return None
+    table = Table(title="Lesion localisation: voxel-level, inside the brain, %",
+                  caption="pooled: all lesion scans' voxels together, one threshold; per scan: mean over scans. "
+                          "intensity = the image itself as the map (bright: hyperintense, dark: hypointense lesions)")
+    table.add_column("map")
+    table.add_column("scans", justify="right")
+    for header in ("AUROC", "AUPRC", "best Dice", "AUPRC/scan", "Dice/scan"):
+        table.add_column(header, justify="right")
+
+    def row(name: str, summary: dict[str, Any]) -> None:
+        pooled, per_scan = summary["pooled"], summary["per_scan"]
+        table.add_row(name, str(summary["n_scans"]), *(f"{100 * pooled[k]:.1f}" for k in ("auroc", "auprc", "best_dice")),
+                      *(f"{100 * per_scan[k]['mean']:.1f}" for k in ("auprc", "best_dice")))
+
+    baselines = None
+    for label, entry in located.items():
+        row(f"{label} map", entry["map"])
+        baselines = baselines or entry
+    row("intensity (bright)", baselines["intensity_bright"])
+    row("intensity (dark)", baselines["intensity_dark"])
+    return table

@@ -16,6 +16,7 @@ from neuro_ood.errors import CohortError, ConfigError, RunError
 from neuro_ood.metrics import ood_metrics
 from neuro_ood.pipelines.common import prepare_items, score_items
 from neuro_ood.pipelines.datasets import dataset_adapter
+from neuro_ood.pipelines.lesions import LESION_GROUP, localisation_metrics
 from neuro_ood.pipelines.reference import reference_scores, reference_slice_scores
 from neuro_ood.pipelines.rundir import RunDir
 
@@ -68,6 +69,10 @@ def evaluate(run_dirs: str | Path | Sequence[str | Path], data_dir: str | Path, 
     """Score the items of ``data_dir`` that no run trained on and that are not in the runs' shared
     reference, group them, and compare each group with the held-out inliers (inliers positive).
 
+    ``group_by="lesion"`` (T1 cohorts): only the scans with lesions, and for each whole-volume run
+    that localises also voxel-level metrics of its maps against the lesion masks, beside intensity
+    thresholding on the same voxels (``metrics["localisation"]``, see :mod:`neuro_ood.pipelines.lesions`).
+
     One run: writes ``RUN/metrics.json`` with ``groups``. Several runs: every run sees the same
     held-out inliers and the same groups; the first run's ``metrics.json`` gets ``groups`` (its
     own) and ``runs`` keyed by method (``msma``, ``glow``, a second ``msma`` as ``msma#2``).
@@ -82,12 +87,14 @@ def evaluate(run_dirs: str | Path | Sequence[str | Path], data_dir: str | Path, 
     if len(datasets) > 1:
         raise ConfigError(f"the runs are of different datasets ({', '.join(sorted(datasets))})")
     adapter = dataset_adapter(runs[0].cfg)
-    if group_by not in (None, adapter.group_by):
+    lesions = group_by == LESION_GROUP and adapter.group_by == "age"
+    if group_by not in (None, adapter.group_by) and not lesions:
         raise ConfigError(f"--group-by {group_by!r} is not available for dataset {runs[0].cfg.dataset!r}; "
-                          f"use {adapter.group_by!r}")
+                          f"use {adapter.group_by!r}" + (" or lesion" if adapter.group_by == "age" else ""))
     heldout = _common_heldout(runs, intersection)
     trained_on = set().union(*(set(r.split["train"]) for r in runs))
     source_list = [s for s in adapter.sources(data_dir) if s.subject not in trained_on]
+    scans = {s.payload.key: s.payload for s in source_list} if lesions else {}
     if not source_list:
         raise CohortError(f"{data_dir}: every subject was used to train the run(s)")
 
@@ -98,10 +105,11 @@ def evaluate(run_dirs: str | Path | Sequence[str | Path], data_dir: str | Path, 
         failures = failures or prepared.failures
         keep = [i for i, subject in enumerate(loaded.reference["subjects"]) if subject in heldout]
         in_reference = set(loaded.reference["items"])  # subjects held out by only some runs are in trained_on
-        items = [i for i in prepared.items if i.key not in in_reference and i.group is not None]
+        items = [i for i in prepared.items if i.key not in in_reference and i.group is not None
+                 and (not lesions or i.group == LESION_GROUP)]
         if not items:
             raise CohortError(f"{data_dir}: nothing to evaluate — every item is in the runs' training splits "
-                              f"or reference, or has no {adapter.group_by}")
+                              f"or reference, or has no {'lesion' if lesions else adapter.group_by}")
         detector = loaded.run.load_detector(loaded.cfg)
         slice_scores: dict = {}
         scores = score_items(detector, items, console=console, description=f"score groups ({label})",
@@ -132,14 +140,21 @@ def evaluate(run_dirs: str | Path | Sequence[str | Path], data_dir: str | Path, 
             inlier_counts["n_slices"] = len(next(iter(inlier_slices.values())))
         per_run[label] = {"run": str(loaded.run.path), "inliers": inlier_counts, "groups": groups,
                           "seen_groups": list(detector.seen_groups)}
+        if lesions:
+            located = localisation_metrics(detector, items, scans)
+            if located is not None:
+                per_run[label]["localisation"] = located
 
     first = next(iter(per_run.values()))
     metrics = {
         "run": first["run"], "data_dir": str(data_dir), "method": runs[0].cfg.method, "dataset": runs[0].cfg.dataset,
-        "unit": adapter.unit, "group_by": adapter.group_by, "inliers": first["inliers"], "groups": first["groups"],
-        "seen_groups": first["seen_groups"],
+        "unit": adapter.unit, "group_by": LESION_GROUP if lesions else adapter.group_by, "inliers": first["inliers"],
+        "groups": first["groups"], "seen_groups": first["seen_groups"],
         "failed": [{"path": p, "reason": r} for p, r in failures],
     }
+    if lesions:
+        metrics["localisation"] = {label: entry["localisation"] for label, entry in per_run.items()
+                                   if "localisation" in entry}
     if len(runs) > 1:
         metrics["runs"] = per_run
     runs[0].run.save_metrics(metrics)

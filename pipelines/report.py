@@ -47,9 +47,8 @@ from neuro_ood.errors import CohortError, ConfigError
 from neuro_ood.io import load_arrays, read_json, save_arrays, write_json, write_text
 from neuro_ood.metrics import ood_metrics
 from neuro_ood.preprocessing.cache import PreprocessedCache, content_digest, default_cache_dir
-from neuro_ood.report import save_anomaly_maps
 from neuro_ood.pipelines import report_html, shards
-from neuro_ood.pipelines.common import preprocess_source, progress_bar, score_items
+from neuro_ood.pipelines.common import preprocess_source, progress_bar, save_item_maps, score_items
 from neuro_ood.pipelines.datasets import Item, Source, dataset_adapter
 from neuro_ood.pipelines.evaluate import _labels
 from neuro_ood.pipelines.reference import reference_scores
@@ -704,9 +703,10 @@ def _maps_and_planes(runs: Sequence[ReportRun], rows: Sequence[_Row], selected: 
                     if heat is not None:
                         stored.update({f"map{k}": p for k, p in enumerate(report_html.mid_planes(heat))})
                     save_arrays(plane_file, {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in stored.items()})
-                if want_nifti and heat is not None and heat.ndim == 3:
+                if want_nifti and heat is not None:
                     name = row.path.replace("/", "_").replace(" ", "_")
-                    files = save_anomaly_maps(maps_dir, name, slices, heat, run.cfg.preprocessing.spacing_mm, png=False)
+                    files = save_item_maps(maps_dir, name, arrays_of[row.digest][index], heat,
+                                           run.cfg.preprocessing.spacing_mm, png=False)
                     done = [f.relative_to(out).as_posix() for f in files]
                     entry.setdefault("maps", {})[str(index)] = done
                     run.cache.save(row.digest, entry)

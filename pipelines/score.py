@@ -11,8 +11,7 @@ import torch
 from rich.console import Console
 
 from neuro_ood.errors import ConfigError, NeuroOODError
-from neuro_ood.report import save_anomaly_maps
-from neuro_ood.pipelines.common import prepare_items, score_items
+from neuro_ood.pipelines.common import prepare_items, save_item_maps, score_items
 from neuro_ood.pipelines.datasets import dataset_adapter
 from neuro_ood.pipelines.domain import load_domain_model, site_verdicts
 from neuro_ood.pipelines.rundir import RunDir
@@ -139,6 +138,6 @@ def score_scans(run_dir: str | Path, paths: Sequence[str | Path], cache_dir: str
                 name = f"{name.removesuffix('.nii.gz').removesuffix('.nii')}_{used[name]}"
             with torch.inference_mode():
                 heat = detector.maps(item.slices)
-            files = save_anomaly_maps(Path(maps_dir), name, item.slices, heat, spacing)
+            files = save_item_maps(Path(maps_dir), name, item, heat, spacing)
             map_files.extend(str(f) for f in files)
     return ScoreReport(results=results, failures=failures + prepared.failures, map_files=map_files, shard=manifest)

@@ -62,8 +62,7 @@ class ConditionalInstanceNorm(nn.Module):
         emb = self._embedding.value
         if emb is None:
             raise RuntimeError("ConditionalInstanceNorm called outside SigmaConditionedUNet.forward")
-        mean = x.mean(dim=tuple(range(2, x.dim())), keepdim=True)
-        var = x.var(dim=tuple(range(2, x.dim())), keepdim=True, unbiased=False)
+        var, mean = torch.var_mean(x, dim=tuple(range(2, x.dim())), keepdim=True, correction=0)
         gamma, beta = self.film(emb).view(len(x), 2, self.channels, *([1] * (x.dim() - 2))).unbind(1)
         return (x - mean) * torch.rsqrt(var + 1e-5) * (1 + gamma) + beta
 

@@ -87,3 +87,16 @@ def load_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise ScanError(path, "invalid affine (singular or non-finite): voxel-to-world mapping unknown")
     return data, affine
+
+
+def scan_geometry(path: str | Path) -> tuple[tuple[int, int, int], np.ndarray]:
+    """The grid of a 3-D scan file without reading its voxels: ``shape (X, Y, Z)`` and the
+    (4, 4) voxel -> world mm affine that :func:`load_volume` uses."""
+    path = Path(path)
+    image = _open_image(path)
+    shape = tuple(int(s) for s in image.shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) != 3:
+        raise ScanError(path, f"image of shape {tuple(image.shape)}; a 3-D volume is expected")
+    return shape, np.asarray(image.affine, dtype=np.float64)

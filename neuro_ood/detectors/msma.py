@@ -13,6 +13,7 @@ from neuro_ood.detectors.base import Progress, _no_progress, to_tensor
 from neuro_ood.detectors.featured import FeatureScorerDetector
 from neuro_ood.features import (features_of_scaled, local_score_features, scaled_scores, score_feature_size,
                                 score_norms)
+from neuro_ood.localisation import brain_region
 from neuro_ood.scorers import GMMScorer, load_scorers, save_scorers
 from neuro_ood.trainer import sample_rows
 from neuro_ood.trainer.steps import dsm_step_fn
@@ -70,8 +71,10 @@ class MSMADetector(FeatureScorerDetector):
         return torch.cat(rows).numpy(), (torch.cat(local).numpy() if want_local else None)
 
     def _foreground(self, x: np.ndarray) -> np.ndarray:
-        """``x (B, C, *spatial)`` -> bool ``(B, *spatial)``: voxels above ``msma.foreground`` in any channel."""
-        return np.asarray(x).max(axis=1) > self.cfg.msma.foreground
+        """``x (B, C, *spatial)`` -> bool ``(B, *spatial)``: the brain region
+        (:func:`~neuro_ood.localisation.brain_region` at ``msma.foreground``) of any channel."""
+        return np.stack([brain_region(np.asarray(image).max(axis=0), self.cfg.msma.foreground) for image in x]) \
+            if len(x) else np.zeros((0, *np.shape(x)[2:]), bool)
 
     def _surprise(self, local: np.ndarray, foreground: np.ndarray) -> np.ndarray:
         """The voxel map from local features ``(B, L, *spatial)``: −log p − the inlier median, at
@@ -125,13 +128,13 @@ class MSMADetector(FeatureScorerDetector):
         self.voxel_scorer = GMMScorer(n_components=(m.voxel_components,), cv=2, random_state=self.cfg.training.seed)
         self.voxel_scorer.fit(samples)
         self.voxel_median = float(np.median(-self.voxel_scorer.score_samples(samples)))
+        self.meta["voxel_median"] = self.voxel_median   # stored in model.json by save()
         progress("fit voxel model", len(images) + 1, len(images) + 1, float("nan"))
 
     def _save_extra(self, directory: Path) -> None:
         super()._save_extra(directory)
         if self.voxel_scorer is not None:
             save_scorers(directory / VOXEL_DIR, {"gmm": self.voxel_scorer})
-            self.meta["voxel_median"] = self.voxel_median
 
     def _load_extra(self, directory: Path) -> None:
         super()._load_extra(directory)
