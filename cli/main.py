@@ -70,7 +70,8 @@ def _train(method: str | None, dataset: str | None, data_dir: Path, out: Path, c
 def _print_train_summary(cfg, summary) -> None:
     unit = "scans" if cfg.dataset == "abcd" else "slices"
     out_console.print(f"{summary.method} run saved to [bold]{summary.run}[/]: {summary.n_train_items} training "
-                      f"{unit} ({summary.n_train_slices} slices), {summary.n_heldout_items} held out, "
+                      f"{unit} ({summary.n_train_slices} {'volumes' if cfg.preprocessing.preset == 't1_volume' else 'slices'}), "
+                      f"{summary.n_heldout_items} held out, "
                       + (f"{summary.steps} steps, loss {summary.final_loss:.3g}, " if summary.steps else
                          "no network (features and scorers only), ") + f"{summary.seconds:.0f} s")
     if summary.failures:
