@@ -112,7 +112,9 @@ class TrainingConfig:
     ``margin``: Outlier Exposure's margin loss with ``margin`` nats per dimension). Every method:
     ``warmup_steps`` of linear learning-rate warm-up, ``grad_clip`` (max gradient norm, none by
     default), ``ema_decay`` (an EMA of the weights, scored with instead of the raw weights, as in
-    the score-SDE recipe; none by default)."""
+    the score-SDE recipe; none by default). MSMA: ``precision`` of the training forward pass
+    (``fp32``; ``bf16``: autocast to bfloat16, for GPUs with bfloat16 units — no loss scaling needed;
+    the loss and the optimiser stay float32)."""
 
     steps: int = 200_000
     batch_size: int = 32
@@ -132,6 +134,7 @@ class TrainingConfig:
     margin: float = 1.0
     grad_clip: float | None = None
     ema_decay: float | None = None
+    precision: str = "fp32"
 
 
 @dataclass
@@ -211,6 +214,13 @@ class MSMAConfig:
     (3-voxel mean intensity > ``foreground``) from each of the first ``voxel_images`` training images, and maps
     each voxel's surprise −log p above the inlier voxels' median, in nats; it also gives the scan
     score ``voxel_tail`` (minus the mean of the map's top ``tail_fraction`` of foreground voxels).
+    ``normative`` (whole volumes in a common box or template space) fits, at every voxel of the
+    first ``voxel_images`` training images, the inliers' mean and spread of the per-voxel features
+    ``voxel_features`` — ``image`` (the intensities) and ``residual`` (the Tweedie denoising
+    residual x + σz + σ²s_θ(x + σz, σ) − x at the levels ``voxel_levels``, indices into the L levels,
+    averaged over ``voxel_draws`` seeded noise draws) — and maps the root-mean-square standard
+    score over the features (``voxel_scale_floor`` is added to each spread), Gaussian-smoothed
+    over ``voxel_smooth`` voxels (SD); ``voxel_tail`` as for ``gmm``.
     """
 
     features: list[str] = field(default_factory=lambda: ["norms"])
@@ -222,6 +232,11 @@ class MSMAConfig:
     voxel_patch: int = 3
     voxel_images: int = 48
     voxel_samples: int = 2000
+    voxel_features: list[str] = field(default_factory=lambda: ["image", "residual"])
+    voxel_levels: list[int] = field(default_factory=lambda: [0, 1, 2])
+    voxel_draws: int = 2
+    voxel_smooth: float = 1.5
+    voxel_scale_floor: float = 0.02
     foreground: float = 0.1
     tail_fraction: float = 0.001
 
@@ -335,7 +350,8 @@ REGISTRATIONS = ("none", "mni152")
 STANDARDISATIONS = ("percentile", "white_matter")
 IMAGE_CHANNELS = (None, 1, 3)
 MSMA_FEATURES = ("norms", "band_means", "band_rms")
-VOXEL_MODELS = ("norm", "gmm")
+VOXEL_MODELS = ("norm", "gmm", "normative")
+VOXEL_FEATURES = ("image", "residual")
 RESNET_DEPTHS = (10, 18, 34, 50)
 #: Registry names of neuro_ood.scorers.SCORERS (not imported here: the scorers pull in torch).
 SCORER_NAMES = ("gmm", "knn", "maf")
@@ -387,6 +403,8 @@ def _check_choices(cfg: "ExperimentConfig", problems: list[str]) -> None:
     for k, name in enumerate(cfg.msma.features):
         _one_of(problems, f"msma.features[{k}]", name, MSMA_FEATURES)
     _one_of(problems, "msma.voxel_model", cfg.msma.voxel_model, VOXEL_MODELS)
+    for k, name in enumerate(cfg.msma.voxel_features):
+        _one_of(problems, f"msma.voxel_features[{k}]", name, VOXEL_FEATURES)
     if cfg.method in ("msma", "simple") and cfg.score.primary not in cfg.scorers:
         problems.append(f"score.primary must be one of the {cfg.method} scorers ({', '.join(sorted(cfg.scorers))}), "
                         f"got {cfg.score.primary!r}")
@@ -425,6 +443,15 @@ def _check_shapes(cfg: "ExperimentConfig", problems: list[str]) -> None:
     if msma.bands < 1 or len(msma.band_range) != 2 or not msma.band_range[0] < msma.band_range[1]:
         problems.append(f"msma needs bands ≥ 1 and band_range [low, high] with low < high, got bands "
                         f"{msma.bands}, band_range {msma.band_range}")
+    if not msma.voxel_features or len(set(msma.voxel_features)) != len(msma.voxel_features):
+        problems.append(f"msma.voxel_features must name each feature once, at least one, got {msma.voxel_features}")
+    if "residual" in msma.voxel_features and (not msma.voxel_levels or msma.voxel_draws < 1 or any(
+            not 0 <= level < m.num_sigmas for level in msma.voxel_levels)):
+        problems.append(f"msma.voxel_levels must be indices 0..{m.num_sigmas - 1} of the noise levels (at least one) "
+                        f"and voxel_draws ≥ 1, got {msma.voxel_levels}, {msma.voxel_draws}")
+    if msma.voxel_smooth < 0 or msma.voxel_scale_floor <= 0:
+        problems.append(f"msma.voxel_smooth must be ≥ 0 voxels and voxel_scale_floor > 0, got "
+                        f"{msma.voxel_smooth}, {msma.voxel_scale_floor}")
     betas = cfg.fanogan.betas
     if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
         problems.append(f"fanogan.betas must be Adam's [beta1, beta2], each in [0, 1), got {betas}")
@@ -439,6 +466,10 @@ def _check_ranges(cfg: "ExperimentConfig") -> None:
         problems.append(f"score.tpr must be in (0, 1], got {cfg.score.tpr}")
     if cfg.score.batch_slices < 1:
         problems.append(f"score.batch_slices must be at least 1, got {cfg.score.batch_slices}")
+    if cfg.training.precision not in ("fp32", "bf16"):
+        problems.append(f"training.precision must be one of fp32, bf16, got {cfg.training.precision!r}")
+    elif cfg.training.precision != "fp32" and cfg.method != "msma":
+        problems.append(f"training.precision: bf16 is for msma runs; {cfg.method} trains in fp32")
     if cfg.score.precision not in ("fp32", "bf16"):
         problems.append(f"score.precision must be one of fp32, bf16, got {cfg.score.precision!r}")
     elif (cfg.score.precision != "fp32" or cfg.score.channels_last) and cfg.method != "msma":

@@ -15,6 +15,7 @@ from torch import nn
 
 from neuro_ood.backbones.glow import bits_per_dim
 from neuro_ood.backbones.glow_inputs import center_bins, dequantize, to_glow_input
+from neuro_ood.config import VOXEL_FEATURES   # per-voxel features of a normative voxel model
 
 
 def scaled_scores(model: nn.Module, x: torch.Tensor | np.ndarray, sigmas: torch.Tensor, batch_size: int):
@@ -138,6 +139,59 @@ def local_score_features(scaled: torch.Tensor, patch: int = 3) -> torch.Tensor:
         pool = torch.nn.functional.avg_pool3d if energy.dim() == 5 else torch.nn.functional.avg_pool2d
         energy = pool(energy, patch, stride=1, padding=patch // 2, count_include_pad=False)
     return 0.5 * torch.log(energy + 1e-8)
+
+
+
+
+@torch.no_grad()
+def denoising_residuals(model: nn.Module, x: torch.Tensor | np.ndarray, sigmas: torch.Tensor, draws: int = 2,
+                        seed: int = 0, batch_size: int = 8) -> np.ndarray:
+    """Tweedie denoising residuals: with x̃ = x + σ z (z ~ N(0, I), ``draws`` draws from a generator
+    seeded with ``seed`` for each image, so an image's result does not depend on its batch), the denoised estimate
+    x̂ = x̃ + σ² s_θ(x̃, σ) minus ``x``, averaged over the draws — where the model would put the
+    image back, and how far that is from the image, at each level of ``sigmas``.
+
+    ``x (N, C, *spatial)`` -> float32 ``(N, len(sigmas), C, *spatial)`` in intensity units;
+    ``batch_size`` noisy inputs go through the network per pass."""
+    model.eval()
+    device = next(model.parameters()).device
+    x = torch.as_tensor(x, dtype=torch.float32)
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float32)
+    generator = torch.Generator()
+    jobs = [(level, draw) for level in range(len(sigmas)) for draw in range(draws)]
+    out = torch.zeros((len(x), len(sigmas), *x.shape[1:]))
+    for index in range(len(x)):
+        image = x[index:index + 1]
+        noise = torch.randn((len(jobs), *image.shape[1:]), generator=generator.manual_seed(seed))
+        for start in range(0, len(jobs), max(1, batch_size)):
+            part = jobs[start:start + max(1, batch_size)]
+            sigma = sigmas[[level for level, _ in part]]
+            sigma_b = sigma.view(-1, *([1] * (image.dim() - 1)))
+            noisy = image + sigma_b * noise[start:start + len(part)]
+            score = model(noisy.to(device), sigma.to(device)).float().cpu()
+            residual = noisy + sigma_b ** 2 * score - image
+            for (level, _), value in zip(part, residual):
+                out[index, level] += value / draws
+    return out.numpy()
+
+
+def voxel_feature_maps(model: nn.Module, x: torch.Tensor | np.ndarray, sigmas: torch.Tensor, kinds=VOXEL_FEATURES,
+                       draws: int = 2, seed: int = 0, batch_size: int = 8) -> np.ndarray:
+    """Per-voxel features of ``x (N, C, *spatial)`` for a normative voxel model, concatenated in the
+    order of ``kinds``: ``image`` (the C channels themselves) and ``residual``
+    (:func:`denoising_residuals` at each of ``sigmas``, L × C maps). -> float32 ``(N, F, *spatial)``."""
+    unknown = [k for k in kinds if k not in VOXEL_FEATURES]
+    if unknown or not kinds:
+        raise ValueError(f"unknown or no voxel feature(s) {list(kinds)}; use {', '.join(VOXEL_FEATURES)}")
+    x = np.asarray(x, dtype=np.float32)
+    parts = []
+    for kind in kinds:
+        if kind == "image":
+            parts.append(x)
+        else:
+            residual = denoising_residuals(model, x, sigmas, draws, seed, batch_size)
+            parts.append(residual.reshape(len(x), -1, *x.shape[2:]))
+    return np.concatenate(parts, axis=1)
 
 
 NONFINITE_LOGLIK = -3e6

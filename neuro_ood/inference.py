@@ -1,5 +1,6 @@
-"""How a trained network runs when it scores: optional bfloat16 autocast and channels-last
-memory layout (``score.precision``, ``score.channels_last``), around the unchanged network.
+"""How a network runs: optional bfloat16 autocast and channels-last memory layout around the
+unchanged network — when it scores (``score.precision``, ``score.channels_last``) and, for the
+forward pass of MSMA's training, ``training.precision``.
 
 The default (``fp32``, contiguous NCHW) hands the network back as it is, so default scores are
 bit-for-bit those of the plain network. The options affect the network's forward pass only: the

@@ -225,7 +225,8 @@ def localisation_table(metrics: dict[str, Any]) -> Table | None:
         return None
     table = Table(title="Lesion localisation: voxel-level, inside the brain, %",
                   caption="pooled: all lesion scans' voxels together, one threshold; per scan: mean over scans. "
-                          "intensity = the image itself as the map (bright: hyperintense, dark: hypointense lesions)")
+                          "intensity = the image itself as the map (bright: hyperintense, dark: hypointense lesions); "
+                          "'image only' = the voxel model's standard scores of the intensities alone, without the network")
     table.add_column("map")
     table.add_column("scans", justify="right")
     for header in ("AUROC", "AUPRC", "best Dice", "AUPRC/scan", "Dice/scan"):
@@ -239,6 +240,8 @@ def localisation_table(metrics: dict[str, Any]) -> Table | None:
     baselines = None
     for label, entry in located.items():
         row(f"{label} map", entry["map"])
+        for part, summary in entry.get("components", {}).items():
+            row(f"{label} map, {part} only", summary)
         baselines = baselines or entry
     row("intensity (bright)", baselines["intensity_bright"])
     row("intensity (dark)", baselines["intensity_dark"])

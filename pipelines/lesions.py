@@ -40,22 +40,28 @@ def localisation_metrics(detector, items: Sequence, scans: dict, foreground: flo
     ``items`` (whole volumes) whose scans (``scans``: item key -> :class:`~neuro_ood.data.cohort.Scan`)
     have a mask; None when no such item exists or the detector does not localise volumes.
 
-    Returns ``{"map": summary, "intensity_bright": summary, "intensity_dark": summary}``, each
-    summary ``{"pooled", "per_scan", "n_scans"}``."""
+    Returns ``{"map": summary, "intensity_bright": summary, "intensity_dark": summary}`` and, for
+    a map with separable parts (:meth:`~neuro_ood.detectors.base.Detector.component_maps`),
+    ``"components": {part: summary}``; each summary ``{"pooled", "per_scan", "n_scans"}``."""
     with_mask = [item for item in items if item.group == LESION_GROUP and item.box_to_scan is not None
                  and getattr(scans.get(item.key), "lesion_mask", None) is not None]
     if not with_mask or not detector.localises:
         return None
-    maps, masks, regions, bright, dark = [], [], [], [], []
+    maps, masks, regions, bright, dark, parts = [], [], [], [], [], {}
     for item in with_mask:
         volume = item.slices[0, 0]
         region = brain_region(volume, foreground)
         with torch.inference_mode():
             maps.append(detector.maps(item.slices)[0])
+            for part, heat in detector.component_maps(item.slices).items():
+                parts.setdefault(part, []).append(heat[0])
         masks.append(box_mask(scans[item.key].lesion_mask, item))
         regions.append(region)
         baseline = intensity_baseline_maps(volume, region)
         bright.append(baseline["bright"])
         dark.append(baseline["dark"])
-    return {"map": _summary(maps, masks, regions), "intensity_bright": _summary(bright, masks, regions),
-            "intensity_dark": _summary(dark, masks, regions)}
+    located = {"map": _summary(maps, masks, regions), "intensity_bright": _summary(bright, masks, regions),
+               "intensity_dark": _summary(dark, masks, regions)}
+    if parts:
+        located["components"] = {part: _summary(heats, masks, regions) for part, heats in parts.items()}
+    return located

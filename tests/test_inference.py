@@ -99,3 +99,30 @@ def test_an_msma_detector_scores_through_the_configured_precision():
         assert isinstance(detector.scoring_network, InferenceNetwork) == (precision == "bf16")
         features[precision] = detector.row_features(x)
     assert 0 < _relative_error(features["bf16"], features["fp32"]) < 0.02
+
+
+def test_bf16_training_runs_the_forward_under_autocast_and_tracks_fp32():
+    """``training.precision: bf16``: the DSM loss of the same batch and noise is within 2% of fp32's,
+    the forward pass really runs in bfloat16, and the step updates the network's own weights."""
+    from neuro_ood.losses import dsm_loss
+
+    torch.manual_seed(0)
+    net = NoiseConditionalScoreNet(channels=(8, 16), strides=(2,))
+    x, sigmas = torch.rand(4, 1, 44, 56), torch.tensor([1.0, 0.1, 0.01])
+    seen = []
+    conv = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+    hook = conv.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    losses = {p: dsm_loss(inference_network(net, p), x, sigmas, generator=torch.Generator().manual_seed(1))
+              for p in ("fp32", "bf16")}
+    hook.remove()
+    assert seen == [torch.float32, torch.bfloat16] and losses["bf16"].dtype == torch.float32
+    assert abs(losses["bf16"].item() / losses["fp32"].item() - 1) < 0.02
+    before = [p.detach().clone() for p in net.parameters()]
+    losses["bf16"].backward()
+    torch.optim.SGD(net.parameters(), lr=0.1).step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+
+def test_bf16_training_is_for_msma_only():
+    with pytest.raises(ConfigError, match="training.precision"):
+        load_config("glow_quick", ["training.precision=bf16"])

@@ -97,8 +97,9 @@ def test_3d_score_network_shapes_and_sigma_dependence():
     assert (high - low).abs().mean() > 1e-3
 
 
-def test_msma_3d_voxel_maps_and_tail_score(tmp_path):
-    cfg = load_config("msma3d_quick", TINY_3D)
+@pytest.mark.parametrize("voxel_model", ["gmm", "normative"])
+def test_msma_3d_voxel_maps_and_tail_score(tmp_path, voxel_model):
+    cfg = load_config("msma3d_quick", TINY_3D + [f"msma.voxel_model={voxel_model}"])
     detector = build_detector(cfg, "cpu")
     rng = np.random.default_rng(0)
     x = np.zeros((4, 1, 16, 16, 16), np.float32)
@@ -112,6 +113,15 @@ def test_msma_3d_voxel_maps_and_tail_score(tmp_path):
     detector.save(tmp_path)
     again = type(detector).load(tmp_path, "cpu")
     np.testing.assert_allclose(again.maps(x), heat, rtol=1e-5, atol=1e-5)
+    if voxel_model == "normative":
+        odd = x[:1].copy()
+        odd[0, 0, 5:8, 5:8, 5:8] = 0.95                   # brighter than every inlier there
+        parts = again.component_maps(odd)
+        assert set(parts) == {"image", "residual"}
+        image_only = parts["image"][0]
+        assert np.unravel_index(image_only.argmax(), image_only.shape) in {(i, j, k) for i in range(5, 8)
+                                                                           for j in range(5, 8) for k in range(5, 8)}
+        assert again.score_samples(odd)["voxel_tail"][0] < scores["voxel_tail"].min()
 
 
 @pytest.fixture(scope="module")

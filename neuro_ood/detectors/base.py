@@ -132,6 +132,11 @@ class Detector:
     def maps(self, x: np.ndarray) -> np.ndarray:
         raise NotImplementedError(f"{self.method} detectors do not localise")
 
+    def component_maps(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Maps of the parts :meth:`maps` combines, ``{part: (N, *spatial)}``, for attribution; ``{}``
+        when the map has no separable parts."""
+        return {}
+
     def group_view(self, scores: dict[str, np.ndarray], group: str | None) -> dict[str, np.ndarray]:
         """The scores that stand for evaluation ``group`` (``None``: the reference); identity by default."""
         return scores

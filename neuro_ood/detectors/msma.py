@@ -12,13 +12,17 @@ import torch
 from neuro_ood.detectors.base import Progress, _no_progress, to_tensor
 from neuro_ood.detectors.featured import FeatureScorerDetector
 from neuro_ood.features import (features_of_scaled, local_score_features, scaled_scores, score_feature_size,
-                                score_norms)
+                                score_norms, voxel_feature_maps)
+from neuro_ood.inference import inference_network
+from neuro_ood.io import load_arrays, read_json, save_arrays, write_json
 from neuro_ood.localisation import brain_region
 from neuro_ood.scorers import GMMScorer, load_scorers, save_scorers
+from neuro_ood.scorers.location import LocationGaussian
 from neuro_ood.trainer import sample_rows
 from neuro_ood.trainer.steps import dsm_step_fn
 
 VOXEL_DIR = "voxel_model"   # the voxel-level density model, beside the detector's scorers
+LOCATION_FILES = ("location.safetensors", "location.json")   # a normative voxel model, in VOXEL_DIR
 
 
 class MSMADetector(FeatureScorerDetector):
@@ -26,8 +30,10 @@ class MSMADetector(FeatureScorerDetector):
     by default the paper's ``(L,)`` score norms ‖σ_i s_θ(x, σ_i)‖₂; scores: the auxiliary scorers' on
     them (see :class:`~neuro_ood.detectors.featured.FeatureScorerDetector`). Maps: the per-voxel score
     norm ``sqrt(Σ_i ‖σ_i s_θ(x, σ_i)‖²)`` over channels, or with ``msma.voxel_model: gmm`` the
-    surprise of each voxel's local score features under a mixture fitted on inlier voxels (plus the
-    scan score ``voxel_tail``), see :class:`~neuro_ood.config.MSMAConfig`."""
+    surprise of each voxel's local score features under a mixture fitted on inlier voxels, or with
+    ``normative`` the standard score of each voxel's intensity and denoising residuals against the
+    inliers at the same location (either adds the scan score ``voxel_tail``), see
+    :class:`~neuro_ood.config.MSMAConfig`."""
 
     method = "msma"
     localises = True
@@ -36,6 +42,7 @@ class MSMADetector(FeatureScorerDetector):
         super().__init__(cfg, device)
         self.voxel_scorer: GMMScorer | None = None
         self.voxel_median = 0.0     # median surprise −log p of the inlier voxels it was fitted on, nats
+        self.location_model: LocationGaussian | None = None
 
     @property
     def sigmas(self) -> torch.Tensor:
@@ -94,18 +101,53 @@ class MSMADetector(FeatureScorerDetector):
             tails.append(-float(values[:k].mean()) if len(values) else 0.0)
         return np.array(tails)
 
+    def _voxel_features(self, x: np.ndarray, kinds: Sequence[str] | None = None) -> np.ndarray:
+        """``x (B, C, *spatial)`` -> the normative model's feature maps ``(B, F, *spatial)`` of
+        ``kinds`` (default ``msma.voxel_features``)."""
+        m = self.cfg.msma
+        return voxel_feature_maps(self.scoring_network, x, self.sigmas[list(m.voxel_levels)], kinds or m.voxel_features,
+                                  m.voxel_draws, self.cfg.training.seed, self.cfg.training.feature_batch_size)
+
+    def _voxel_columns(self, kinds: Sequence[str]) -> np.ndarray:
+        """Indices of ``kinds``' maps among the fitted voxel features."""
+        m, channels = self.cfg.msma, int(self.input_shape[0])
+        sizes = {"image": channels, "residual": channels * len(m.voxel_levels)}
+        starts = dict(zip(m.voxel_features, np.cumsum([0] + [sizes[k] for k in m.voxel_features][:-1])))
+        return np.concatenate([np.arange(starts[k], starts[k] + sizes[k]) for k in kinds])
+
+    def _normative_map(self, x: np.ndarray, foreground: np.ndarray, kinds: Sequence[str] | None = None) -> np.ndarray:
+        """RMS standard score over the voxel features (or those of ``kinds``) against the inliers at
+        each location, Gaussian-smoothed over ``msma.voxel_smooth`` voxels, 0 outside ``foreground``:
+        ``(B, *spatial)`` float32, standard deviations."""
+        from scipy.ndimage import gaussian_filter
+
+        columns = None if kinds is None else self._voxel_columns(kinds)
+        heat = -self.location_model.score_samples(self._voxel_features(x, kinds), columns)
+        smooth = self.cfg.msma.voxel_smooth
+        return np.stack([np.where(inside, gaussian_filter(h, smooth) if smooth > 0 else h, 0.0)
+                         for h, inside in zip(heat, foreground)]).astype(np.float32)
+
+    def _voxel_map(self, x: np.ndarray, local: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The fitted voxel model's map of ``x (B, C, *spatial)`` and the foreground it covers, both
+        ``(B, *spatial)``; ``local``: the gmm model's local features when already computed."""
+        foreground = self._foreground(x)
+        if self.location_model is not None:
+            return self._normative_map(x, foreground), foreground
+        if local is None:
+            local = self._pass(x, want_local=True)[1]
+        return self._surprise(local, foreground), foreground
+
     def score_samples(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """The auxiliary scorers' scores and, with a voxel model, ``voxel_tail`` (higher = more typical)."""
-        if self.voxel_scorer is None:
+        if self.voxel_scorer is None and self.location_model is None:
             return super().score_samples(x)
         chunk = max(1, self.cfg.training.feature_batch_size)
         rows, tails = [], []
         for start in range(0, len(x), chunk):
             part = x[start:start + chunk]
-            features, local = self._pass(part, want_local=True)
-            foreground = self._foreground(part)
+            features, local = self._pass(part, want_local=self.voxel_scorer is not None)
             rows.append(features)
-            tails.append(self._tail(self._surprise(local, foreground), foreground))
+            tails.append(self._tail(*self._voxel_map(part, local)))
         views = self.feature_views(np.concatenate(rows))
         scores = {name: scorer.score_samples(views[self._view_of(name, views)])
                   for name, scorer in self.scorers.items()}
@@ -113,9 +155,12 @@ class MSMADetector(FeatureScorerDetector):
         return scores
 
     def fit_voxel_model(self, x: np.ndarray, progress: Progress | None = None) -> None:
-        """Fit the voxel-level mixture on local score features of the first ``msma.voxel_images``
-        images of ``x (N, C, *spatial)``, ``msma.voxel_samples`` foreground voxels from each."""
+        """Fit the voxel model (``msma.voxel_model``) on the first ``msma.voxel_images`` images of
+        ``x (N, C, *spatial)``: ``gmm`` on local score features of ``msma.voxel_samples`` foreground
+        voxels from each, ``normative`` on every voxel's features at its location."""
         m, progress = self.cfg.msma, progress or _no_progress
+        if m.voxel_model == "normative":
+            return self._fit_location_model(x[:max(1, m.voxel_images)], progress)
         rng = np.random.default_rng(self.cfg.training.seed)
         images = x[:max(1, m.voxel_images)]
         samples = []
@@ -131,16 +176,31 @@ class MSMADetector(FeatureScorerDetector):
         self.meta["voxel_median"] = self.voxel_median   # stored in model.json by save()
         progress("fit voxel model", len(images) + 1, len(images) + 1, float("nan"))
 
+    def _fit_location_model(self, images: np.ndarray, progress: Progress) -> None:
+        """Per-location mean and spread of the voxel features of ``images (N, C, *spatial)``."""
+        self.location_model = LocationGaussian(scale_floor=self.cfg.msma.voxel_scale_floor)
+        for index in range(len(images)):
+            self.location_model.partial_fit(self._voxel_features(images[index:index + 1]))
+            progress("fit voxel model", index + 1, len(images), float("nan"))
+
     def _save_extra(self, directory: Path) -> None:
         super()._save_extra(directory)
         if self.voxel_scorer is not None:
             save_scorers(directory / VOXEL_DIR, {"gmm": self.voxel_scorer})
+        if self.location_model is not None:
+            arrays, meta = self.location_model.get_state()
+            save_arrays(directory / VOXEL_DIR / LOCATION_FILES[0], arrays)
+            write_json(directory / VOXEL_DIR / LOCATION_FILES[1], meta)
 
     def _load_extra(self, directory: Path) -> None:
         super()._load_extra(directory)
-        if self.cfg.msma.voxel_model == "gmm" and (directory / VOXEL_DIR).is_dir():
-            self.voxel_scorer = load_scorers(directory / VOXEL_DIR)["gmm"]
+        voxels = directory / VOXEL_DIR
+        if self.cfg.msma.voxel_model == "gmm" and voxels.is_dir():
+            self.voxel_scorer = load_scorers(voxels)["gmm"]
             self.voxel_median = float(self.meta.get("voxel_median", 0.0))
+        if self.cfg.msma.voxel_model == "normative" and all((voxels / name).is_file() for name in LOCATION_FILES):
+            self.location_model = LocationGaussian.from_state(load_arrays(voxels / LOCATION_FILES[0]),
+                                                              read_json(voxels / LOCATION_FILES[1]))
 
     def feature_views(self, features: np.ndarray) -> dict[str, np.ndarray]:
         """``""``: the ``msma.features`` columns; with ``msma.paper_scores`` and other features than
@@ -167,19 +227,30 @@ class MSMADetector(FeatureScorerDetector):
         self._start_network(x.shape[1:], checkpoint_dir, resume)
         self._start_ema()
         optimizer = torch.optim.Adam(self.network.parameters(), lr=t.lr)
-        step = dsm_step_fn(self.network, optimizer, self.sigmas, self._optimize())
+        # bf16: the forward pass under autocast (same parameters), the loss in float32
+        step = dsm_step_fn(inference_network(self.network, t.precision), optimizer, self.sigmas, self._optimize())
         self._run_stage("train NCSN", step, sample_rows({"x": to_tensor(x)}, t.batch_size),
                         {"model": optimizer}, t.steps, checkpoint_dir, progress)
         self.fit_scorers(self.features(x, progress, "score features (train)"), groups, progress)
-        if self.cfg.msma.voxel_model == "gmm":
+        if self.cfg.msma.voxel_model in ("gmm", "normative"):
             self.fit_voxel_model(x, progress)
         return self
 
+    def component_maps(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """With a ``normative`` voxel model of several ``msma.voxel_features``: the map from each
+        feature kind alone, ``{kind: (N, *spatial)}`` — ``image`` is a voxel-wise normative model of
+        the intensities without the network, ``residual`` the network's part; otherwise ``{}``."""
+        kinds = self.cfg.msma.voxel_features
+        if self.location_model is None or len(kinds) < 2:
+            return {}
+        foreground = self._foreground(x)
+        return {kind: self._normative_map(x, foreground, (kind,)) for kind in kinds}
+
     def maps(self, x: np.ndarray) -> np.ndarray:
         """``x (N, C, *spatial)`` -> ``(N, *spatial)`` float32, higher = more atypical."""
-        if self.voxel_scorer is not None:
-            return np.concatenate([self._surprise(self._pass(x[i:i + 1], want_local=True)[1], self._foreground(x[i:i + 1]))
-                                   for i in range(len(x))]) if len(x) else np.zeros((0, *np.shape(x)[2:]), np.float32)
+        if self.voxel_scorer is not None or self.location_model is not None:
+            return np.concatenate([self._voxel_map(x[i:i + 1])[0] for i in range(len(x))]) \
+                if len(x) else np.zeros((0, *np.shape(x)[2:]), np.float32)
         _, per_level = score_norms(self.scoring_network, x, self.sigmas,
                                    batch_size=self.cfg.training.feature_batch_size, return_maps=True)
         return np.sqrt((per_level ** 2).sum(axis=1))
