@@ -116,13 +116,16 @@ class MSMADetector(FeatureScorerDetector):
         return np.concatenate([np.arange(starts[k], starts[k] + sizes[k]) for k in kinds])
 
     def _normative_map(self, x: np.ndarray, foreground: np.ndarray, kinds: Sequence[str] | None = None) -> np.ndarray:
-        """RMS standard score over the voxel features (or those of ``kinds``) against the inliers at
-        each location, Gaussian-smoothed over ``msma.voxel_smooth`` voxels, 0 outside ``foreground``:
-        ``(B, *spatial)`` float32, standard deviations."""
+        """Root-mean-square standard score against the inliers at each location, each voxel feature
+        kind (or each of ``kinds``) weighing the same however many maps it has, Gaussian-smoothed
+        over ``msma.voxel_smooth`` voxels, 0 outside ``foreground``: ``(B, *spatial)`` float32, SDs."""
         from scipy.ndimage import gaussian_filter
 
-        columns = None if kinds is None else self._voxel_columns(kinds)
-        heat = -self.location_model.score_samples(self._voxel_features(x, kinds), columns)
+        kinds = list(kinds or self.cfg.msma.voxel_features)
+        z = self.location_model.zscores(self._voxel_features(x, kinds), self._voxel_columns(kinds))
+        sizes = [len(self._voxel_columns((kind,))) for kind in kinds]
+        starts = np.cumsum([0] + sizes)
+        heat = np.sqrt(np.mean([np.square(z[:, a:b]).mean(axis=1) for a, b in zip(starts[:-1], starts[1:])], axis=0))
         smooth = self.cfg.msma.voxel_smooth
         return np.stack([np.where(inside, gaussian_filter(h, smooth) if smooth > 0 else h, 0.0)
                          for h, inside in zip(heat, foreground)]).astype(np.float32)
