@@ -46,31 +46,39 @@ def metrics_tables(metrics: dict[str, Any]) -> list[Table]:
     return tables
 
 
+def _score_text(value: float) -> str:
+    """A score for a table cell: two decimals, or three significant digits once it is large (a
+    flow's log-density of a far outlier can reach -1e30)."""
+    return f"{value:.2f}" if abs(value) < 1e5 or not np.isfinite(value) else f"{value:.3g}"
+
+
 def scores_table(results: Iterable[Any]) -> Table:
     """A row per scan: each scorer's score with its percentile among held-out inliers, the flag and,
     where the run has a site model, the domain-shift signal (is the scan unlike the training site?)."""
     results = list(results)
     table = Table(title="neuro-ood scores", caption="score (percentile among held-out inliers); "
-                  "low = atypical; the flag is the primary scorer's 95%-TPR threshold; paper_* scores in --json")
-    table.add_column("scan", overflow="fold")
+                  "low = atypical; the flag is the primary scorer's 95%-TPR threshold; site: is the scan's "
+                  "acquisition like the training scans' (percentile)?; paper_* scores in --json")
+    table.add_column("scan", overflow="fold", min_width=12)
     scorers = list(results[0].scores) if results else []
     # MSMA's paper_* scores (the paper's L norms beside the configured features) stay in --json
     scorers = [n for n in scorers if not n.startswith("paper_")] or scorers
-    for name in scorers:
-        table.add_column(name, justify="right", no_wrap=True)
-    table.add_column("flag", no_wrap=True)
+    for name in scorers:   # a narrow terminal wraps "score (percentile)" at the space, never the scan name away
+        table.add_column(name, justify="right", overflow="fold")
+    table.add_column("flag", overflow="fold")
     with_site = any(getattr(r, "site", None) for r in results)
     if with_site:
-        table.add_column("site (percentile)", justify="right", no_wrap=True)
+        table.add_column("site", justify="right", overflow="fold")
     for result in results:
         cells = [escape(Path(result.path).name)]  # the full path is in --json
-        cells += [f"{result.scores[n]:.2f} ({result.percentiles[n]:.0f}%)" for n in scorers]
-        cells.append(f"[bold red]ATYPICAL[/] ({result.primary})" if result.flagged else "typical")
+        # the percentile on a line of its own keeps columns narrow enough for an 80-column terminal
+        cells += [f"{_score_text(result.scores[n])}\n({result.percentiles[n]:.0f}%)" for n in scorers]
+        cells.append(f"[bold red]ATYPICAL[/]\n({result.primary})" if result.flagged else "typical")
         if with_site:
             site = result.site
             cells.append("—" if site is None else
-                         f"[bold yellow]UNLIKE TRAINING SITE[/] ({site['site_percentile']:.0f}%)" if site["site_shift"]
-                         else f"like training ({site['site_percentile']:.0f}%)")
+                         f"[bold yellow]UNLIKE[/]\n({site['site_percentile']:.0f}%)" if site["site_shift"]
+                         else f"like\n({site['site_percentile']:.0f}%)")
         table.add_row(*cells)
     return table
 
@@ -184,7 +192,7 @@ def _nifti_bytes(data: np.ndarray, affine: np.ndarray) -> bytes:
 
 def save_volume_maps(out_dir: Path, name: str, volume: np.ndarray, heat: np.ndarray, box_to_scan: np.ndarray,
                      scan_shape: Sequence[int], scan_affine: np.ndarray, spacing_mm: Sequence[float],
-                     png: bool = True) -> list[Path]:
+                     png: bool = True, unit: str = "") -> list[Path]:
     """Write a whole-volume anomaly map three ways; returns the paths written.
 
     ``volume`` and ``heat`` ``(X, Y, Z)`` on the model's box (RAS, ``spacing_mm``), ``box_to_scan``
@@ -194,7 +202,8 @@ def save_volume_maps(out_dir: Path, name: str, volume: np.ndarray, heat: np.ndar
       affine: it overlays the input file in FSLeyes / ITK-SNAP / 3D Slicer as it is;
     - ``<name>_anomaly_map_model.nii.gz`` and ``<name>_model_t1.nii.gz``: the map and the
       preprocessed scan on the model's box (same world coordinates);
-    - with ``png``, ``<name>_anomaly_map.png``: three orthogonal planes through the map's hot spot.
+    - with ``png``, ``<name>_anomaly_map.png``: three orthogonal planes through the map's hot spot,
+      titled with the map's ``unit``.
     """
     from neuro_ood.overlay import three_plane_overlay
     from neuro_ood.preprocessing.inverse import box_to_scan_grid
@@ -211,7 +220,7 @@ def save_volume_maps(out_dir: Path, name: str, volume: np.ndarray, heat: np.ndar
         written.append(path)
     if png:
         path = out_dir / f"{stem}_anomaly_map.png"
-        three_plane_overlay(volume, heat, spacing_mm, path, title=f"{name}: anomaly map (nats above inlier median)")
+        three_plane_overlay(volume, heat, spacing_mm, path, title=f"{name}: anomaly map" + (f" ({unit})" if unit else ""))
         written.append(path)
     return written
 

@@ -126,11 +126,11 @@ def score_items(detector, items: Sequence[Item], chunk: int | None = None, conso
 
 
 def save_item_maps(out_dir: Path, name: str, item: Item, heat: np.ndarray, spacing_mm: Sequence[float],
-                   png: bool = True) -> list[Path]:
+                   png: bool = True, unit: str = "") -> list[Path]:
     """One item's anomaly map files: for a whole volume (``item.box_to_scan`` set) the map on the
     scan's own grid, on the model's box and as three planes (:func:`~neuro_ood.report.save_volume_maps`);
     for slices the slice maps (:func:`~neuro_ood.report.save_anomaly_maps`). ``heat``: the detector's
-    ``maps`` of ``item.slices``."""
+    ``maps`` of ``item.slices``; ``unit``: what its values measure (the detector's ``map_unit``)."""
     from neuro_ood.data.nifti import scan_geometry
     from neuro_ood.report import save_anomaly_maps, save_volume_maps
 
@@ -138,4 +138,4 @@ def save_item_maps(out_dir: Path, name: str, item: Item, heat: np.ndarray, spaci
         return save_anomaly_maps(out_dir, name, item.slices, heat, spacing_mm, png=png)
     shape, affine = scan_geometry(item.label)
     return save_volume_maps(out_dir, name, item.slices[0, 0], heat[0], item.box_to_scan, shape, affine,
-                            spacing_mm, png=png)
+                            spacing_mm, png=png, unit=unit)

@@ -41,7 +41,7 @@ def localisation_metrics(detector, items: Sequence, scans: dict, foreground: flo
     have a mask; None when no such item exists or the detector does not localise volumes.
 
     Returns ``{"map": summary, "intensity_bright": summary, "intensity_dark": summary}`` and, for
-    a map with separable parts (:meth:`~neuro_ood.detectors.base.Detector.component_maps`),
+    a map with separable parts (:meth:`~neuro_ood.detectors.base.Detector.maps_with_components`),
     ``"components": {part: summary}``; each summary ``{"pooled", "per_scan", "n_scans"}``."""
     with_mask = [item for item in items if item.group == LESION_GROUP and item.box_to_scan is not None
                  and getattr(scans.get(item.key), "lesion_mask", None) is not None]
@@ -52,9 +52,10 @@ def localisation_metrics(detector, items: Sequence, scans: dict, foreground: flo
         volume = item.slices[0, 0]
         region = brain_region(volume, foreground)
         with torch.inference_mode():
-            maps.append(detector.maps(item.slices)[0])
-            for part, heat in detector.component_maps(item.slices).items():
-                parts.setdefault(part, []).append(heat[0])
+            heat, components = detector.maps_with_components(item.slices)
+            maps.append(heat[0])
+            for part, part_heat in components.items():
+                parts.setdefault(part, []).append(part_heat[0])
         masks.append(box_mask(scans[item.key].lesion_mask, item))
         regions.append(region)
         baseline = intensity_baseline_maps(volume, region)

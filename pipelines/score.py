@@ -138,6 +138,6 @@ def score_scans(run_dir: str | Path, paths: Sequence[str | Path], cache_dir: str
                 name = f"{name.removesuffix('.nii.gz').removesuffix('.nii')}_{used[name]}"
             with torch.inference_mode():
                 heat = detector.maps(item.slices)
-            files = save_item_maps(Path(maps_dir), name, item, heat, spacing)
+            files = save_item_maps(Path(maps_dir), name, item, heat, spacing, unit=detector.map_unit)
             map_files.extend(str(f) for f in files)
     return ScoreReport(results=results, failures=failures + prepared.failures, map_files=map_files, shard=manifest)

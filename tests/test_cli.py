@@ -228,4 +228,4 @@ def test_site_signal_ranks_a_foreign_intensity_profile_below_the_training_scans(
     own, other = (entry["site"] for entry in json.loads(result.stdout)["scans"])
     assert other["site_percentile"] < own["site_percentile"] and other["site_shift"] and not own["site_shift"]
     table = invoke("score", tmp_path / "foreign.nii.gz", "--run", trained_run)
-    assert "UNLIKE TRAINING SITE" in table.stdout
+    assert "UNLIKE" in table.stdout

@@ -287,3 +287,24 @@ def test_report_in_a_real_browser(reported, tmp_path):
         browser.close()
     assert errors == []
     assert requests and all(url.startswith(("file:", "data:")) for url in requests), requests
+
+
+def test_console_score_table_keeps_scan_names_and_large_scores_readable_at_80_columns():
+    from rich.console import Console
+
+    from neuro_ood.pipelines.score import ScanResult
+    from neuro_ood.report import scores_table
+
+    results = [ScanResult(path=f"/cohort/sub-{i:04d}/anat/sub-{i:04d}_ses-V01_T1w.nii.gz",
+                          scores={"gmm": -4701.25, "maf": -5.93e33, "knn": -2.5, "voxel_tail": -8.4},
+                          percentiles={"gmm": 0.0, "maf": 0.0, "knn": 3.0, "voxel_tail": 1.0},
+                          flags={}, primary="gmm", flagged=True,
+                          site={"site_score": -9.0, "site_percentile": 0.0, "site_shift": True})
+               for i in range(2)]
+    console = Console(width=80, record=True, color_system=None)
+    console.print(scores_table(results))
+    text = console.export_text()
+    assert "sub-0001" in text and "-5.93e+33" in text and "-4701.25" in text
+    assert "59300000" not in text                        # no thirty-digit fixed-point numbers
+    assert "UNLIKE" in text and "ATYPICAL" in text
+    assert max(len(line) for line in text.splitlines()) <= 80

@@ -97,6 +97,22 @@ def test_3d_score_network_shapes_and_sigma_dependence():
     assert (high - low).abs().mean() > 1e-3
 
 
+@pytest.mark.parametrize("name", ["msma3d_quick", "msma3d_abcd"])
+def test_shipped_3d_configs_build_a_network_their_box_fits(name):
+    """The box of each 3-D config is divisible by the product of its strides, and its network
+    (built as training would build it) maps a volume of that divisibility to the same shape."""
+    from neuro_ood.networks import build_network
+
+    cfg = load_config(name)
+    factor = int(np.prod(cfg.model.strides))
+    assert all(size % factor == 0 for size in cfg.preprocessing.volume_size)
+    net = build_network(cfg, in_channels=1, spatial_dims=3).eval()
+    assert len(net.sigmas) == 10
+    x = torch.rand(1, 1, factor, factor, 2 * factor)   # the smallest volume the strides allow
+    with torch.no_grad():
+        assert net(x, net.sigmas[:1]).shape == x.shape
+
+
 @pytest.mark.parametrize("voxel_model", ["gmm", "normative"])
 def test_msma_3d_voxel_maps_and_tail_score(tmp_path, voxel_model):
     cfg = load_config("msma3d_quick", TINY_3D + [f"msma.voxel_model={voxel_model}"])
@@ -116,12 +132,16 @@ def test_msma_3d_voxel_maps_and_tail_score(tmp_path, voxel_model):
     if voxel_model == "normative":
         odd = x[:1].copy()
         odd[0, 0, 5:8, 5:8, 5:8] = 0.95                   # brighter than every inlier there
-        parts = again.component_maps(odd)
+        combined, parts = again.maps_with_components(odd)
+        np.testing.assert_allclose(combined, again.maps(odd), rtol=1e-5, atol=1e-5)
         assert set(parts) == {"image", "residual"}
         image_only = parts["image"][0]
         assert np.unravel_index(image_only.argmax(), image_only.shape) in {(i, j, k) for i in range(5, 8)
                                                                            for j in range(5, 8) for k in range(5, 8)}
         assert again.score_samples(odd)["voxel_tail"][0] < scores["voxel_tail"].min()
+        again.cfg.msma.voxel_smooth = 0.0   # unsmoothed, each kind weighs the same: the RMS of the parts
+        combined, parts = again.maps_with_components(odd)
+        np.testing.assert_allclose(combined ** 2, (parts["image"] ** 2 + parts["residual"] ** 2) / 2, rtol=1e-4, atol=1e-6)
 
 
 @pytest.fixture(scope="module")

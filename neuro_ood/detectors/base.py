@@ -99,6 +99,8 @@ class Detector:
 
     method: ClassVar[str] = ""
     localises: ClassVar[bool] = False
+    #: What a value of :meth:`maps` measures, for figure labels ("" where the method does not localise).
+    map_unit: ClassVar[str] = ""
     needs_outliers: ClassVar[bool] = False
     #: False for a detector with no network to train (the simple baseline): no weights, no training state.
     has_network: ClassVar[bool] = True
@@ -132,10 +134,10 @@ class Detector:
     def maps(self, x: np.ndarray) -> np.ndarray:
         raise NotImplementedError(f"{self.method} detectors do not localise")
 
-    def component_maps(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        """Maps of the parts :meth:`maps` combines, ``{part: (N, *spatial)}``, for attribution; ``{}``
-        when the map has no separable parts."""
-        return {}
+    def maps_with_components(self, x: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """:meth:`maps` and the maps of the parts it combines, ``{part: (N, *spatial)}``, for
+        attribution; ``{}`` when the map has no separable parts."""
+        return self.maps(x), {}
 
     def group_view(self, scores: dict[str, np.ndarray], group: str | None) -> dict[str, np.ndarray]:
         """The scores that stand for evaluation ``group`` (``None``: the reference); identity by default."""

@@ -44,6 +44,7 @@ class FAnoGANDetector(Detector):
 
     method = "fanogan"
     localises = True
+    map_unit = "squared residual of the reconstruction"
 
     def training_steps(self) -> int:
         """``training.steps`` generator steps, then ``fanogan.encoder_steps`` encoder steps."""

@@ -38,6 +38,12 @@ class MSMADetector(FeatureScorerDetector):
     method = "msma"
     localises = True
 
+    @property
+    def map_unit(self) -> str:
+        """What a map value measures, by ``msma.voxel_model``."""
+        return {"normative": "SD from the inliers at that voxel", "gmm": "nats above the inlier median"}.get(
+            self.cfg.msma.voxel_model, "score norm over the levels")
+
     def __init__(self, cfg, device=None):
         super().__init__(cfg, device)
         self.voxel_scorer: GMMScorer | None = None
@@ -115,27 +121,35 @@ class MSMADetector(FeatureScorerDetector):
         starts = dict(zip(m.voxel_features, np.cumsum([0] + [sizes[k] for k in m.voxel_features][:-1])))
         return np.concatenate([np.arange(starts[k], starts[k] + sizes[k]) for k in kinds])
 
-    def _normative_map(self, x: np.ndarray, foreground: np.ndarray, kinds: Sequence[str] | None = None) -> np.ndarray:
+    def _normative_maps(self, x: np.ndarray, foreground: np.ndarray, kinds: Sequence[str] | None = None,
+                        parts: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Root-mean-square standard score against the inliers at each location, each voxel feature
         kind (or each of ``kinds``) weighing the same however many maps it has, Gaussian-smoothed
-        over ``msma.voxel_smooth`` voxels, 0 outside ``foreground``: ``(B, *spatial)`` float32, SDs."""
+        over ``msma.voxel_smooth`` voxels, 0 outside ``foreground``: ``(B, *spatial)`` float32, SDs;
+        with ``parts``, also the same map of each kind alone, ``{kind: (B, *spatial)}``, from the
+        same network passes."""
         from scipy.ndimage import gaussian_filter
+
+        smooth = self.cfg.msma.voxel_smooth
+
+        def finish(mean_square: np.ndarray) -> np.ndarray:
+            return np.stack([np.where(inside, gaussian_filter(h, smooth) if smooth > 0 else h, 0.0)
+                             for h, inside in zip(np.sqrt(mean_square), foreground)]).astype(np.float32)
 
         kinds = list(kinds or self.cfg.msma.voxel_features)
         z = self.location_model.zscores(self._voxel_features(x, kinds), self._voxel_columns(kinds))
         sizes = [len(self._voxel_columns((kind,))) for kind in kinds]
         starts = np.cumsum([0] + sizes)
-        heat = np.sqrt(np.mean([np.square(z[:, a:b]).mean(axis=1) for a, b in zip(starts[:-1], starts[1:])], axis=0))
-        smooth = self.cfg.msma.voxel_smooth
-        return np.stack([np.where(inside, gaussian_filter(h, smooth) if smooth > 0 else h, 0.0)
-                         for h, inside in zip(heat, foreground)]).astype(np.float32)
+        per_kind = {kind: np.square(z[:, a:b]).mean(axis=1) for kind, a, b in zip(kinds, starts[:-1], starts[1:])}
+        heat = finish(np.mean(list(per_kind.values()), axis=0))
+        return heat, ({kind: finish(ms) for kind, ms in per_kind.items()} if parts else {})
 
     def _voxel_map(self, x: np.ndarray, local: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The fitted voxel model's map of ``x (B, C, *spatial)`` and the foreground it covers, both
         ``(B, *spatial)``; ``local``: the gmm model's local features when already computed."""
         foreground = self._foreground(x)
         if self.location_model is not None:
-            return self._normative_map(x, foreground), foreground
+            return self._normative_maps(x, foreground)[0], foreground
         if local is None:
             local = self._pass(x, want_local=True)[1]
         return self._surprise(local, foreground), foreground
@@ -239,15 +253,20 @@ class MSMADetector(FeatureScorerDetector):
             self.fit_voxel_model(x, progress)
         return self
 
-    def component_maps(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        """With a ``normative`` voxel model of several ``msma.voxel_features``: the map from each
-        feature kind alone, ``{kind: (N, *spatial)}`` — ``image`` is a voxel-wise normative model of
-        the intensities without the network, ``residual`` the network's part; otherwise ``{}``."""
-        kinds = self.cfg.msma.voxel_features
-        if self.location_model is None or len(kinds) < 2:
-            return {}
-        foreground = self._foreground(x)
-        return {kind: self._normative_map(x, foreground, (kind,)) for kind in kinds}
+    def maps_with_components(self, x: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """:meth:`maps` and, with a ``normative`` voxel model of several ``msma.voxel_features``, the
+        map from each feature kind alone, ``{kind: (N, *spatial)}`` — ``image`` is a voxel-wise
+        normative model of the intensities without the network, ``residual`` the network's part —
+        from one set of network passes; otherwise ``{}``."""
+        if self.location_model is None or len(self.cfg.msma.voxel_features) < 2:
+            return self.maps(x), {}
+        heats, parts = [], {}
+        for i in range(len(x)):
+            heat, kinds = self._normative_maps(x[i:i + 1], self._foreground(x[i:i + 1]), parts=True)
+            heats.append(heat)
+            for kind, part in kinds.items():
+                parts.setdefault(kind, []).append(part)
+        return np.concatenate(heats), {kind: np.concatenate(part) for kind, part in parts.items()}
 
     def maps(self, x: np.ndarray) -> np.ndarray:
         """``x (N, C, *spatial)`` -> ``(N, *spatial)`` float32, higher = more atypical."""
