@@ -232,8 +232,9 @@ def localisation_table(metrics: dict[str, Any]) -> Table | None:
     located = metrics.get("localisation") or {}
     if not located:
         return None
-    table = Table(title="Lesion localisation: voxel-level, inside the brain, %",
-                  caption="pooled: all lesion scans' voxels together, one threshold; per scan: mean over scans. "
+    table = Table(title="Lesion localisation: voxel-level, inside the scan's foreground, %",
+                  caption="foreground: the brain where registration applied the template's brain mask, else the "
+                          "whole head; pooled: all lesion scans' voxels together, one threshold; per scan: mean over scans. "
                           "intensity = the image itself as the map (bright: hyperintense, dark: hypointense lesions); "
                           "'image only' = the voxel model's standard scores of the intensities alone, without the network")
     table.add_column("map")

@@ -94,9 +94,14 @@ def evaluate(run_dirs: str | Path | Sequence[str | Path], data_dir: str | Path, 
     heldout = _common_heldout(runs, intersection)
     trained_on = set().union(*(set(r.split["train"]) for r in runs))
     source_list = [s for s in adapter.sources(data_dir) if s.subject not in trained_on]
-    scans = {s.payload.key: s.payload for s in source_list} if lesions else {}
     if not source_list:
         raise CohortError(f"{data_dir}: every subject was used to train the run(s)")
+    if lesions:   # the inliers come from the runs' references: only the lesion scans need scoring
+        source_list = [s for s in source_list if s.payload.lesion]
+        if not source_list:
+            raise CohortError(f"{data_dir}: no scan outside the runs' training splits has a lesion "
+                              "(a lesion column in the table or a lesion mask in derivatives/)")
+    scans = {s.payload.key: s.payload for s in source_list} if lesions else {}
 
     per_run, failures = {}, []
     for label, loaded in zip(_labels(runs), runs):

@@ -2,9 +2,11 @@
 
 For each whole-volume run that localises, every lesion scan's anomaly map is compared voxel by
 voxel with its mask (brought onto the model's box through the scan's world coordinates,
-:func:`~neuro_ood.preprocessing.inverse.scan_to_box_grid`), inside the brain region of the
-preprocessed volume. The intensity-thresholding baseline (the image itself, bright and dark) is
-scored on the same voxels in the same run. Metrics: voxel AUROC, AUPRC and best Dice, pooled over
+:func:`~neuro_ood.preprocessing.inverse.scan_to_box_grid`), inside the foreground of the
+preprocessed volume (:func:`~neuro_ood.localisation.brain_region`: the brain when registration
+applied the template's brain mask, the whole head of an unregistered whole-head scan). The
+intensity-thresholding baseline (the image itself, bright and dark) is scored on the same voxels
+in the same run. Metrics: voxel AUROC, AUPRC and best Dice, pooled over
 all lesion scans (one global threshold) and averaged over scans (:mod:`neuro_ood.localisation`).
 """
 

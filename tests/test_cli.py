@@ -50,6 +50,12 @@ def test_evaluate_by_age_writes_metrics_json(trained_run, tiny_cohort):
     assert all(values["auroc"] > 0.9 for values in metrics["groups"]["1"]["scorers"].values())
 
 
+def test_evaluate_by_lesion_on_a_cohort_without_lesions_says_so(trained_run, tiny_cohort):
+    result = invoke("evaluate", "--run", trained_run, "--data-dir", tiny_cohort, "--group-by", "lesion")
+    assert result.exit_code != 0
+    assert "has a lesion" in result.output and "Traceback" not in result.output
+
+
 def test_trained_score_network_depends_on_sigma(trained_run, tiny_cohort):
     """σ·s_θ(x̃, σ) at σ_max and σ_min on one noisy input differ: the network uses its σ input
     (a network blind to σ would give the same σ·s at every level, and flat score-norm vectors)."""
