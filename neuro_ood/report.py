@@ -122,8 +122,9 @@ def comparison_table(metrics: dict[str, Any], metric: str = "auroc", per_slice: 
     unit = "slice" if per_slice else metrics.get("unit", "scan")
     group_by = metrics.get("group_by", "age")
     n_in = next(iter(runs.values()))["inliers"][n_key]
+    seen = any(group in run.get("seen_groups", []) for run in runs.values() for group in groups)
     table = Table(title=f"{dict(METRIC_COLUMNS)[metric]} (%) per {unit}: held-out inliers (n={n_in}) vs "
-                        f"{group_by} group", caption="* group seen in training (classifier baseline)")
+                        f"{group_by} group", caption="* group seen in training (classifier baseline)" if seen else None)
     table.add_column("method")
     table.add_column("score")
     for group in groups:

@@ -308,3 +308,18 @@ def test_console_score_table_keeps_scan_names_and_large_scores_readable_at_80_co
     assert "59300000" not in text                        # no thirty-digit fixed-point numbers
     assert "UNLIKE" in text and "ATYPICAL" in text
     assert max(len(line) for line in text.splitlines()) <= 80
+
+
+def test_comparison_table_marks_seen_groups_only_where_a_run_saw_one():
+    from neuro_ood.report import comparison_table
+
+    def run(seen):
+        values = {"auroc": 0.9}
+        return {"inliers": {"n": 5}, "seen_groups": seen,
+                "groups": {"1": {"n": 4, "scorers": {"gmm": values}}, "6": {"n": 4, "scorers": {"gmm": values}}}}
+
+    plain = comparison_table({"runs": {"msma": run([]), "simple": run([])}})
+    assert plain.caption is None
+    with_classifier = comparison_table({"runs": {"msma": run([]), "resnet": run(["1"])}})
+    assert "seen in training" in with_classifier.caption
+    assert [cell for cell in with_classifier.columns[2].cells] == ["90.0", "90.0*"]
