@@ -126,6 +126,7 @@ def test_msma_3d_voxel_maps_and_tail_score(tmp_path, voxel_model):
     heat = detector.maps(x)
     assert heat.shape == (4, 16, 16, 16) and (heat >= 0).all()
     assert (heat[:, 0, 0, 0] == 0).all()      # background: no map
+    assert ("SD" if voxel_model == "normative" else "nats") in detector.map_unit   # the overlay's unit label
     detector.save(tmp_path)
     again = type(detector).load(tmp_path, "cpu")
     np.testing.assert_allclose(again.maps(x), heat, rtol=1e-5, atol=1e-5)

@@ -38,17 +38,17 @@ class MSMADetector(FeatureScorerDetector):
     method = "msma"
     localises = True
 
-    @property
-    def map_unit(self) -> str:
-        """What a map value measures, by ``msma.voxel_model``."""
-        return {"normative": "SD from the inliers at that voxel", "gmm": "nats above the inlier median"}.get(
-            self.cfg.msma.voxel_model, "score norm over the levels")
-
     def __init__(self, cfg, device=None):
         super().__init__(cfg, device)
         self.voxel_scorer: GMMScorer | None = None
         self.voxel_median = 0.0     # median surprise −log p of the inlier voxels it was fitted on, nats
         self.location_model: LocationGaussian | None = None
+
+    @property
+    def map_unit(self) -> str:
+        """What a map value measures, by ``msma.voxel_model``."""
+        return {"normative": "SD from the inliers at that voxel", "gmm": "nats above the inlier median"}.get(
+            self.cfg.msma.voxel_model, "score norm over the levels")
 
     @property
     def sigmas(self) -> torch.Tensor:
@@ -121,10 +121,10 @@ class MSMADetector(FeatureScorerDetector):
         starts = dict(zip(m.voxel_features, np.cumsum([0] + [sizes[k] for k in m.voxel_features][:-1])))
         return np.concatenate([np.arange(starts[k], starts[k] + sizes[k]) for k in kinds])
 
-    def _normative_maps(self, x: np.ndarray, foreground: np.ndarray, kinds: Sequence[str] | None = None,
+    def _normative_maps(self, x: np.ndarray, foreground: np.ndarray,
                         parts: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Root-mean-square standard score against the inliers at each location, each voxel feature
-        kind (or each of ``kinds``) weighing the same however many maps it has, Gaussian-smoothed
+        kind of ``msma.voxel_features`` weighing the same however many maps it has, Gaussian-smoothed
         over ``msma.voxel_smooth`` voxels, 0 outside ``foreground``: ``(B, *spatial)`` float32, SDs;
         with ``parts``, also the same map of each kind alone, ``{kind: (B, *spatial)}``, from the
         same network passes."""
@@ -136,7 +136,7 @@ class MSMADetector(FeatureScorerDetector):
             return np.stack([np.where(inside, gaussian_filter(h, smooth) if smooth > 0 else h, 0.0)
                              for h, inside in zip(np.sqrt(mean_square), foreground)]).astype(np.float32)
 
-        kinds = list(kinds or self.cfg.msma.voxel_features)
+        kinds = list(self.cfg.msma.voxel_features)
         z = self.location_model.zscores(self._voxel_features(x, kinds), self._voxel_columns(kinds))
         sizes = [len(self._voxel_columns((kind,))) for kind in kinds]
         starts = np.cumsum([0] + sizes)
