@@ -63,7 +63,7 @@ def scores_table(results: Iterable[Any]) -> Table:
     scorers = list(results[0].scores) if results else []
     # MSMA's paper_* scores (the paper's L norms beside the configured features) stay in --json
     scorers = [n for n in scorers if not n.startswith("paper_")] or scorers
-    for name in scorers:   # a narrow terminal wraps "score (percentile)" at the space, never the scan name away
+    for name in scorers:   # fold, never truncate: the scan column keeps its minimum width
         table.add_column(name, justify="right", overflow="fold")
     table.add_column("flag", overflow="fold")
     with_site = any(getattr(r, "site", None) for r in results)
