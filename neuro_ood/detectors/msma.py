@@ -107,19 +107,18 @@ class MSMADetector(FeatureScorerDetector):
             tails.append(-float(values[:k].mean()) if len(values) else 0.0)
         return np.array(tails)
 
-    def _voxel_features(self, x: np.ndarray, kinds: Sequence[str] | None = None) -> np.ndarray:
-        """``x (B, C, *spatial)`` -> the normative model's feature maps ``(B, F, *spatial)`` of
-        ``kinds`` (default ``msma.voxel_features``)."""
+    def _voxel_features(self, x: np.ndarray) -> np.ndarray:
+        """``x (B, C, *spatial)`` -> the normative model's feature maps ``(B, F, *spatial)``, the
+        kinds of ``msma.voxel_features`` in order."""
         m = self.cfg.msma
-        return voxel_feature_maps(self.scoring_network, x, self.sigmas[list(m.voxel_levels)], kinds or m.voxel_features,
+        return voxel_feature_maps(self.scoring_network, x, self.sigmas[list(m.voxel_levels)], m.voxel_features,
                                   m.voxel_draws, self.cfg.training.seed, self.cfg.training.feature_batch_size)
 
-    def _voxel_columns(self, kinds: Sequence[str]) -> np.ndarray:
-        """Indices of ``kinds``' maps among the fitted voxel features."""
+    def _voxel_kind_sizes(self) -> list[int]:
+        """How many of the F voxel feature maps each kind of ``msma.voxel_features`` holds, in order."""
         m, channels = self.cfg.msma, int(self.input_shape[0])
         sizes = {"image": channels, "residual": channels * len(m.voxel_levels)}
-        starts = dict(zip(m.voxel_features, np.cumsum([0] + [sizes[k] for k in m.voxel_features][:-1])))
-        return np.concatenate([np.arange(starts[k], starts[k] + sizes[k]) for k in kinds])
+        return [sizes[kind] for kind in m.voxel_features]
 
     def _normative_maps(self, x: np.ndarray, foreground: np.ndarray,
                         parts: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -136,11 +135,10 @@ class MSMADetector(FeatureScorerDetector):
             return np.stack([np.where(inside, gaussian_filter(h, smooth) if smooth > 0 else h, 0.0)
                              for h, inside in zip(np.sqrt(mean_square), foreground)]).astype(np.float32)
 
-        kinds = list(self.cfg.msma.voxel_features)
-        z = self.location_model.zscores(self._voxel_features(x, kinds), self._voxel_columns(kinds))
-        sizes = [len(self._voxel_columns((kind,))) for kind in kinds]
-        starts = np.cumsum([0] + sizes)
-        per_kind = {kind: np.square(z[:, a:b]).mean(axis=1) for kind, a, b in zip(kinds, starts[:-1], starts[1:])}
+        z = self.location_model.zscores(self._voxel_features(x))
+        starts = np.cumsum([0] + self._voxel_kind_sizes())
+        per_kind = {kind: np.square(z[:, a:b]).mean(axis=1)
+                    for kind, a, b in zip(self.cfg.msma.voxel_features, starts[:-1], starts[1:])}
         heat = finish(np.mean(list(per_kind.values()), axis=0))
         return heat, ({kind: finish(ms) for kind, ms in per_kind.items()} if parts else {})
 
