@@ -4,6 +4,8 @@
   of one network call per scan and noise level;
 - scans/s end to end (preprocessing of 2 mm synthetic NIfTI scans + network + scorers, after
   start-up) and of the network part alone;
+- the network part with channels-last inputs and under ``torch.compile`` (``score.channels_last``,
+  ``score.compile``), compile time apart;
 - DSM training steps/s at msma_quick's batch size;
 - the network part's FLOP/s (FLOPs of convolutions and matrix products counted by
   ``torch.utils.flop_counter.FlopCounterMode``, 2 per multiply-add) against a 2048² float32 matmul
@@ -99,6 +101,13 @@ def main():
             fp32_few_s = best_of(lambda: score_norms(network, few, sigmas, batch_size=batch), repeats=1)
             bf16_s = best_of(lambda: score_norms(inference_network(network, "bf16"), few, sigmas,
                                                  batch_size=batch), repeats=1)
+            channels_last_s = best_of(lambda: score_norms(inference_network(network, channels_last=True), slices,
+                                                          sigmas, batch_size=batch), repeats=2)
+            compiled = inference_network(network, compile=True)
+            start = time.perf_counter()
+            score_norms(compiled, slices, sigmas, batch_size=batch)   # compiles each batch shape once
+            compile_s = time.perf_counter() - start
+            compiled_s = best_of(lambda: score_norms(compiled, slices, sigmas, batch_size=batch), repeats=2)
             with FlopCounterMode(display=False) as counter:
                 score_norms(network, slices, sigmas, batch_size=batch)
         flops = counter.get_total_flops()
@@ -121,10 +130,14 @@ def main():
           f"(target >= 3x: {'met' if naive_s / batched_s >= 3 else 'not met'})")
     print(f"network part under bf16 autocast, 12 slices: {bf16_s:.2f} s vs fp32 {fp32_few_s:.2f} s: "
           f"{fp32_few_s / bf16_s:.2f}x fp32's speed")
-    achieved = flops / batched_s
+    print(f"network part, channels-last: {channels_last_s:.2f} s ({batched_s / channels_last_s:.2f}x the default); "
+          f"torch.compile: {compiled_s:.2f} s ({batched_s / compiled_s:.2f}x), after {compile_s:.0f} s compiling")
     print(f"network FLOPs: {flops / 1e9:.1f} GFLOP for {n} scans ({flops / n / 1e9:.2f} a scan); "
-          f"achieved {achieved / 1e9:.1f} GFLOP/s; 2048² fp32 matmul {peak_matmul / 1e9:.1f} GFLOP/s; "
-          f"ratio {achieved / peak_matmul:.0%} (target >= 50%: {'met' if achieved >= 0.5 * peak_matmul else 'not met'})")
+          f"2048² fp32 matmul {peak_matmul / 1e9:.1f} GFLOP/s")
+    for name, seconds in (("default", batched_s), ("channels-last", channels_last_s), ("compiled", compiled_s)):
+        achieved = flops / seconds
+        print(f"  {name}: {achieved / 1e9:.1f} GFLOP/s, {achieved / peak_matmul:.0%} of matmul "
+              f"(target >= 50%: {'met' if achieved >= 0.5 * peak_matmul else 'not met'})")
     print(f"training: {1 / step_s:.2f} DSM steps/s at batch {cfg.training.batch_size} ({step_s:.2f} s a step)")
     print(f"peak resident memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 

@@ -31,6 +31,7 @@ def test_overrides_are_typed_and_coerced():
     ("score.tpr=95", "score.tpr must be in (0, 1]"),
     ("model.chanels=[1]", "unknown config key(s) model.chanels"),
     ("training.augment=flip", "training.augment must be a list"),
+    ("msma.voxel_search=-1", "voxel_search must be ≥ 0"),
 ])
 def test_bad_values_are_refused(override, message):
     with pytest.raises(ConfigError) as info:

@@ -31,11 +31,34 @@ def test_location_gaussian_rms_over_features_partial_fit_and_state():
     new = rng.normal(size=(2, 2, 3, 4, 5))
     z = (new - whole.mean_) / whole.scale_
     np.testing.assert_allclose(whole.score_samples(new), -np.sqrt((z ** 2).mean(axis=1)), rtol=1e-5)
-    np.testing.assert_allclose(whole.score_samples(new[:, 1:], features=[1]), -np.abs(z[:, 1]), rtol=1e-5)
+    np.testing.assert_allclose(whole.mean_squares(new, [[0], [0, 1]]),
+                               np.stack([z[:, 0] ** 2, (z ** 2).mean(axis=1)], axis=1), rtol=1e-5)
     again = LocationGaussian.from_state(*whole.get_state())
     np.testing.assert_array_equal(again.score_samples(new), whole.score_samples(new))
     with pytest.raises(ValueError, match="differ"):
         whole.zscores(new[:, :, :2])
+
+
+def test_search_radius_forgives_a_one_voxel_shift_but_not_a_lesion():
+    rng = np.random.default_rng(1)
+    edge = np.zeros((1, 12, 12, 12))
+    edge[:, :, :, 6:] = 1.0                                  # a tissue boundary at x = 6
+    X = edge[None] + rng.normal(scale=0.05, size=(8, 1, 12, 12, 12))
+    new = np.roll(edge, 1, axis=-1)[None].copy()             # the boundary one voxel off
+    new[0, 0, 2:5, 2:5, 2:5] = 3.0                           # a 3-voxel bright lesion where the norm is 0
+    strict = -LocationGaussian(search_radius=0).fit(X).score_samples(new)[0]
+    tolerant = -LocationGaussian(search_radius=1).fit(X).score_samples(new)[0]
+    assert strict[6, 6, 6] > 10                              # the shifted boundary reads as atypical
+    assert tolerant[6, 6, 6] < 1                             # ... unless the norm may be one voxel off
+    assert tolerant[3, 3, 3] > 10 * tolerant[6, 6, 6]         # the lesion stays far from its norm
+    # by hand: the least squared standard score over the norms of the voxel and its 6 face neighbours
+    model = LocationGaussian(search_radius=1).fit(X)
+    shifts = [(0, 0, 0), (1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 1), (0, 0, -1)]
+    assert sorted(model.search_offsets()) == sorted(shifts) and model.search_offsets()[0] == (0, 0, 0)
+    assert len(LocationGaussian(search_radius=3).fit(X).search_offsets()) == 123   # the ball, not the cube
+    by_hand = min(((new[0, 0, 6, 6, 6] - np.roll(model.mean_, s, axis=(1, 2, 3))[0, 6, 6, 6])
+                   / np.roll(model.scale_, s, axis=(1, 2, 3))[0, 6, 6, 6]) ** 2 for s in shifts)
+    assert tolerant[6, 6, 6] == pytest.approx(np.sqrt(by_hand), rel=1e-5)
 
 
 class _Shrink(nn.Module):

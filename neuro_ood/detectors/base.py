@@ -287,7 +287,17 @@ class Detector:
         """The network scores come from: the EMA weights when training kept an EMA."""
         network = self._ema.module if self._ema is not None else self.network
         network.eval()
-        return inference_network(network, self.cfg.score.precision, self.cfg.score.channels_last)
+        score = self.cfg.score
+        if not score.compile:
+            return inference_network(network, score.precision, score.channels_last)
+        # compiled once per network and weights (not per call); the compiled form holds the weights
+        # as constants, so any in-place change to a parameter (training on) asks for a new one
+        weights = (id(network), tuple(p._version for p in network.parameters()))
+        cached = getattr(self, "_compiled_scoring", None)
+        if cached is None or cached[0] != weights:
+            self._compiled_scoring = weights, inference_network(network, score.precision, score.channels_last,
+                                                                compile=True)
+        return self._compiled_scoring[1]
 
 
 def to_tensor(x: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -135,10 +135,10 @@ class MSMADetector(FeatureScorerDetector):
             return np.stack([np.where(inside, gaussian_filter(h, smooth) if smooth > 0 else h, 0.0)
                              for h, inside in zip(np.sqrt(mean_square), foreground)]).astype(np.float32)
 
-        z = self.location_model.zscores(self._voxel_features(x))
         starts = np.cumsum([0] + self._voxel_kind_sizes())
-        per_kind = {kind: np.square(z[:, a:b]).mean(axis=1)
-                    for kind, a, b in zip(self.cfg.msma.voxel_features, starts[:-1], starts[1:])}
+        groups = [list(range(a, b)) for a, b in zip(starts[:-1], starts[1:])]
+        mean_squares = self.location_model.mean_squares(self._voxel_features(x), groups)
+        per_kind = {kind: mean_squares[:, k] for k, kind in enumerate(self.cfg.msma.voxel_features)}
         heat = finish(np.mean(list(per_kind.values()), axis=0))
         return heat, ({kind: finish(ms) for kind, ms in per_kind.items()} if parts else {})
 
@@ -193,7 +193,8 @@ class MSMADetector(FeatureScorerDetector):
 
     def _fit_location_model(self, images: np.ndarray, progress: Progress) -> None:
         """Per-location mean and spread of the voxel features of ``images (N, C, *spatial)``."""
-        self.location_model = LocationGaussian(scale_floor=self.cfg.msma.voxel_scale_floor)
+        self.location_model = LocationGaussian(scale_floor=self.cfg.msma.voxel_scale_floor,
+                                               search_radius=self.cfg.msma.voxel_search)
         for index in range(len(images)):
             self.location_model.partial_fit(self._voxel_features(images[index:index + 1]))
             progress("fit voxel model", index + 1, len(images), float("nan"))

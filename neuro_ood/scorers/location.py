@@ -9,11 +9,16 @@ the voxel-level counterpart of the auxiliary scorers: a scikit-learn estimator w
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import numpy as np
+import torch
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
+
+#: Feature values (float32) per slab of :meth:`LocationGaussian.mean_squares` (~1 MB: cache-sized)
+_SLAB_VALUES = 1 << 18
 
 
 class LocationGaussian(BaseEstimator):
@@ -25,6 +30,11 @@ class LocationGaussian(BaseEstimator):
         Added to every standard deviation (feature units), so that locations where the inliers
         barely vary (background, a feature that is constant there) do not turn noise into huge
         standard scores.
+    search_radius : int
+        Voxels. A new image's voxel is compared with the inlier norm at every location within this
+        (Euclidean) distance and the best match is kept (the least mean-square standard score), so
+        that a residual misalignment of up to ``r`` voxels — unregistered heads of different size,
+        an edge one voxel off — is not read as atypical. 0 compares like with like.
 
     Attributes
     ----------
@@ -34,8 +44,9 @@ class LocationGaussian(BaseEstimator):
         Images fitted on.
     """
 
-    def __init__(self, scale_floor: float = 0.02):
+    def __init__(self, scale_floor: float = 0.02, search_radius: int = 0):
         self.scale_floor = scale_floor
+        self.search_radius = search_radius
 
     def partial_fit(self, X, y=None) -> "LocationGaussian":
         """Add inlier feature maps ``X (N, F, *spatial)`` to the running sums (float64)."""
@@ -62,21 +73,66 @@ class LocationGaussian(BaseEstimator):
             del self._sums
         return self.partial_fit(X)
 
-    def zscores(self, X, features=None) -> np.ndarray:
-        """``X (N, F, *spatial)`` -> standard scores ``(X - mean_) / scale_``, float32, same shape.
-        ``features``: indices of the fitted features that X's F maps are (default: all, in order)."""
+    def zscores(self, X) -> np.ndarray:
+        """``X (N, F, *spatial)`` -> standard scores ``(X - mean_) / scale_`` at the same location,
+        float32, same shape."""
         check_is_fitted(self, "mean_")
         X = np.asarray(X, dtype=np.float32)
-        mean, scale = (self.mean_, self.scale_) if features is None else (self.mean_[features], self.scale_[features])
-        if X.shape[1:] != mean.shape:
-            raise ValueError(f"X maps {X.shape[1:]} differ from the fitted {mean.shape}")
-        return (X - mean) / scale
+        if X.shape[1:] != self.mean_.shape:
+            raise ValueError(f"X maps {X.shape[1:]} differ from the fitted {self.mean_.shape}")
+        return (X - self.mean_) / self.scale_
 
-    def score_samples(self, X, features=None) -> np.ndarray:
-        """Typicality per voxel: minus the root-mean-square standard score over the features,
-        ``(N, F, *spatial)`` -> ``(N, *spatial)`` float32, HIGHER = MORE TYPICAL (0 at the mean);
-        ``features`` as in :meth:`zscores`."""
-        return -np.sqrt(np.square(self.zscores(X, features)).mean(axis=1))
+    def search_offsets(self) -> list[tuple[int, ...]]:
+        """The voxel offsets within ``search_radius`` of a voxel (itself first)."""
+        r, dims = int(self.search_radius), self.mean_.ndim - 1
+        offsets = [o for o in itertools.product(range(-r, r + 1), repeat=dims) if sum(d * d for d in o) <= r * r]
+        return sorted(offsets, key=lambda o: sum(d * d for d in o))
+
+    @torch.inference_mode()
+    def mean_squares(self, X, groups: list[list[int]] | None = None) -> np.ndarray:
+        """Mean squared standard score over each group of features, at the best-matching location
+        within ``search_radius``: ``(N, F, *spatial)`` -> ``(N, G, *spatial)`` float32, one map per
+        group of feature indices (default: one group of all). Each group picks its own location."""
+        check_is_fitted(self, "mean_")
+        X = torch.as_tensor(np.asarray(X, dtype=np.float32))
+        if tuple(X.shape[1:]) != self.mean_.shape:
+            raise ValueError(f"X maps {tuple(X.shape[1:])} differ from the fitted {self.mean_.shape}")
+        groups = [list(g) for g in groups] if groups else [list(range(X.shape[1]))]
+        order = [f for g in groups for f in g]   # features in group order: each group a slice
+        ends = np.cumsum([len(g) for g in groups])
+        spans = list(zip(ends - np.array([len(g) for g in groups]), ends))
+        r, spatial = int(self.search_radius), tuple(X.shape[2:])
+        # the norm padded by r (edge values) so that each offset is a view, not a copy
+        pad = [(0, 0)] + [(r, r)] * len(spatial)
+        mean = torch.as_tensor(np.pad(self.mean_[order], pad, mode="edge"))
+        inverse = torch.as_tensor(np.pad(1.0 / self.scale_[order], pad, mode="edge"))
+        X = X[:, order]
+        offsets = self.search_offsets()
+        out = torch.empty((len(X), len(groups), *spatial))
+        # slabs along the first spatial axis small enough to stay in cache while every offset is tried
+        rows = max(1, _SLAB_VALUES // max(1, X[:, :, 0].numel()))
+        for start in range(0, spatial[0], rows):
+            stop = min(start + rows, spatial[0])
+            x = X[:, :, start:stop]
+            best = out[:, :, start:stop]
+            z2, here = torch.empty_like(x), torch.empty_like(best)
+            for k, offset in enumerate(offsets):
+                window = (slice(None), slice(r + start + offset[0], r + stop + offset[0])) + tuple(
+                    slice(r + d, r + d + n) for d, n in zip(offset[1:], spatial[1:]))
+                torch.sub(x, mean[window], out=z2).mul_(inverse[window]).square_()
+                for j, (first, last) in enumerate(spans):
+                    torch.mean(z2[:, first:last], dim=1, out=here[:, j])
+                if k == 0:
+                    best.copy_(here)
+                else:
+                    torch.minimum(best, here, out=best)
+        return out.numpy()
+
+    def score_samples(self, X) -> np.ndarray:
+        """Typicality per voxel: minus the root-mean-square standard score over the features (at
+        the best-matching location within ``search_radius``), ``(N, F, *spatial)`` ->
+        ``(N, *spatial)`` float32, HIGHER = MORE TYPICAL (0 at the mean)."""
+        return -np.sqrt(self.mean_squares(X)[:, 0])
 
     def get_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Learned state as named arrays plus JSON-able metadata (with ``"params"``)."""
