@@ -156,8 +156,8 @@ class ScoreConfig:
     network then runs ``training.feature_batch_size`` inputs per pass). MSMA only: ``precision``
     of the network's forward pass (``fp32``; ``bf16`` autocast, score norms within about 1% of
     fp32, fast on CPUs and GPUs with bfloat16 units only), ``channels_last`` memory layout and
-    ``compile`` (``torch.compile``: the first batch of each shape compiles, about 40 s on 2 CPU
-    cores, then the network runs about 1.5x faster there; for cohorts, not single scans; scores
+    ``compile`` (``torch.compile``: the first batch of each shape compiles, 10-40 s on 2 CPU
+    cores, then the network runs 1.8-2x faster there; for cohorts, not single scans; scores
     within 1e-4 of eager's); the features the scorers are fitted on are computed the same way, at
     training."""
 
