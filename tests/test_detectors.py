@@ -52,6 +52,10 @@ def test_fit_score_save_load_round_trip(method, tmp_path):
         x, groups=np.repeat(np.arange(8), 3), outliers=outliers, checkpoint_dir=tmp_path,
         progress=lambda stage, done, total, loss: stages.append((stage, done, total)))
     assert any(done == total for _, done, total in stages)
+    first = {}
+    for stage, done, _ in stages:
+        first.setdefault(stage, done)
+    assert all(done == 0 for done in first.values()), first   # each bar starts (and its clock) at 0
     detector.save(tmp_path)
     test = blobs(5, 2)
     scores = detector.score_samples(test)

@@ -33,6 +33,7 @@ class FeatureScorerDetector(Detector):
         progress = progress or _no_progress
         chunk = max(1, self.cfg.training.feature_batch_size)
         rows = []
+        progress(stage, 0, len(x), float("nan"))   # the bar (and its clock) starts before the first chunk
         for start in range(0, len(x), chunk):
             rows.append(self.row_features(x[start:start + chunk]))
             progress(stage, min(start + chunk, len(x)), len(x), float("nan"))

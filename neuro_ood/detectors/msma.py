@@ -179,6 +179,7 @@ class MSMADetector(FeatureScorerDetector):
         rng = np.random.default_rng(self.cfg.training.seed)
         images = x[:max(1, m.voxel_images)]
         samples = []
+        progress("fit voxel model", 0, len(images) + 1, float("nan"))
         for start in range(len(images)):
             _, local = self._pass(images[start:start + 1], want_local=True)
             rows = np.moveaxis(local[0], 0, -1)[self._foreground(images[start:start + 1])[0]]
@@ -195,6 +196,7 @@ class MSMADetector(FeatureScorerDetector):
         """Per-location mean and spread of the voxel features of ``images (N, C, *spatial)``."""
         self.location_model = LocationGaussian(scale_floor=self.cfg.msma.voxel_scale_floor,
                                                search_radius=self.cfg.msma.voxel_search)
+        progress("fit voxel model", 0, len(images), float("nan"))
         for index in range(len(images)):
             self.location_model.partial_fit(self._voxel_features(images[index:index + 1]))
             progress("fit voxel model", index + 1, len(images), float("nan"))
