@@ -61,6 +61,8 @@ def test_compiled_network_gives_the_eager_norms(net_and_images):
     exact = score_norms(net, x, net.sigmas, batch_size=20)
     assert _relative_error(score_norms(compiled, x, net.sigmas, batch_size=20), exact) < 1e-4
     assert list(compiled.state_dict()) == ["network." + k for k in net.state_dict()]  # no second copy
+    both = score_norms(inference_network(net, "bf16", compile=True), x, net.sigmas, batch_size=20)
+    assert 0 < _relative_error(both, exact) < 0.02   # compiled under autocast: bf16's bound
 
 
 class _Recorder:
