@@ -46,8 +46,11 @@ class MSMADetector(FeatureScorerDetector):
 
     @property
     def map_unit(self) -> str:
-        """What a map value measures, by ``msma.voxel_model``."""
-        return {"normative": "SD from the inliers at that voxel", "gmm": "nats above the inlier median"}.get(
+        """What a map value measures, by ``msma.voxel_model`` (and ``msma.voxel_search``)."""
+        search = self.cfg.msma.voxel_search
+        normative = (f"SD from the best-matching inlier norm within {search} voxels" if search
+                     else "SD from the inliers at that voxel")
+        return {"normative": normative, "gmm": "nats above the inlier median"}.get(
             self.cfg.msma.voxel_model, "score norm over the levels")
 
     @property
