@@ -2,7 +2,8 @@
 
 Where images are aligned (a common box, or registration to a template), the inliers give, at every
 voxel, a mean and a spread of each per-voxel feature; a new image's standard score there says how
-far from the norm it lies at that place (the voxel-wise z-map of normative modelling). This is
+far from the norm it lies at that place (the voxel-wise z-map of normative modelling), or, with a
+search radius, from the best-matching norm nearby (tolerance to residual misalignment). This is
 the voxel-level counterpart of the auxiliary scorers: a scikit-learn estimator with ``fit`` and
 ``score_samples``, but on feature *maps* ``(N, F, *spatial)`` rather than vectors ``(N, L)``.
 """
