@@ -99,8 +99,35 @@ def batched(fn: Callable[[np.ndarray], dict[str, np.ndarray]], images: np.ndarra
     return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]} if parts else {}
 
 
+MapsCallback = Callable[[int, np.ndarray, dict], None]
+
+
+class _MapsByItem:
+    """Collects chunks of slice maps and hands each item's maps to ``on_maps(index, heat, parts)``
+    as soon as all its slices are in: ``heat (S_item, *spatial)``, ``parts {name: (S_item, *spatial)}``."""
+
+    def __init__(self, slice_counts: Sequence[int], on_maps: MapsCallback):
+        self.counts, self.on_maps, self.next = list(slice_counts), on_maps, 0
+        self.heat: list[np.ndarray] = []
+        self.parts: dict[str, list[np.ndarray]] = {}
+
+    def add(self, heat: np.ndarray, parts: dict[str, np.ndarray]) -> None:
+        self.heat.append(heat)
+        for name, values in parts.items():
+            self.parts.setdefault(name, []).append(values)
+        held = np.concatenate(self.heat)
+        held_parts = {name: np.concatenate(values) for name, values in self.parts.items()}
+        while self.next < len(self.counts) and len(held) >= self.counts[self.next]:
+            n = self.counts[self.next]
+            self.on_maps(self.next, held[:n], {name: values[:n] for name, values in held_parts.items()})
+            held, held_parts = held[n:], {name: values[n:] for name, values in held_parts.items()}
+            self.next += 1
+        self.heat, self.parts = [held], {name: [values] for name, values in held_parts.items()}
+
+
 def score_items(detector, items: Sequence[Item], chunk: int | None = None, console: Console | None = None,
-                description: str = "scoring", slices: dict | None = None) -> dict[str, np.ndarray]:
+                description: str = "scoring", slices: dict | None = None, on_maps: MapsCallback | None = None,
+                components: bool = False) -> dict[str, np.ndarray]:
     """Each of the detector's scores per item: the mean of the item's slice scores.
 
     The slices of all ``items`` go to the detector together, ``chunk`` at a time (default: the
@@ -110,15 +137,27 @@ def score_items(detector, items: Sequence[Item], chunk: int | None = None, conso
     their mean is the average per-slice log-likelihood with slices taken as independent, which
     ranks items like the sum while staying on the per-slice scale. Pass a dict as ``slices`` to
     also get the slice scores themselves: it receives ``{name: (S_total,)}`` in item order.
+
+    With ``on_maps`` (a localising detector), the maps come from the same network passes as the
+    scores (:meth:`~neuro_ood.detectors.base.Detector.score_and_maps`, with ``components`` the
+    parts of the map too): ``on_maps(index, heat (S_item, *spatial), parts)`` is called for each
+    item, in order, once its slices are scored, so only about a chunk's maps are held at a time.
     """
     import torch
 
     if not items:
         return {}
     chunk = chunk or detector.cfg.score.batch_slices
+    fn = detector.score_samples
+    if on_maps is not None:
+        collected = _MapsByItem([len(item.slices) for item in items], on_maps)
+
+        def fn(part: np.ndarray) -> dict[str, np.ndarray]:
+            scores, heat, parts = detector.score_and_maps(part, components)
+            collected.add(heat, parts)
+            return scores
     with torch.inference_mode():
-        slice_scores = batched(detector.score_samples, np.concatenate([item.slices for item in items]), chunk,
-                               console, description)
+        slice_scores = batched(fn, np.concatenate([item.slices for item in items]), chunk, console, description)
     if slices is not None:
         slices.update(slice_scores)
     bounds = np.cumsum([len(item.slices) for item in items])[:-1]

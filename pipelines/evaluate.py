@@ -16,7 +16,7 @@ from neuro_ood.errors import CohortError, ConfigError, RunError
 from neuro_ood.metrics import ood_metrics
 from neuro_ood.pipelines.common import prepare_items, score_items
 from neuro_ood.pipelines.datasets import dataset_adapter
-from neuro_ood.pipelines.lesions import LESION_GROUP, localisation_metrics
+from neuro_ood.pipelines.lesions import LESION_GROUP, LesionMaps
 from neuro_ood.pipelines.reference import reference_scores, reference_slice_scores
 from neuro_ood.pipelines.rundir import RunDir
 
@@ -117,8 +117,11 @@ def evaluate(run_dirs: str | Path | Sequence[str | Path], data_dir: str | Path, 
                               f"or reference, or has no {'lesion' if lesions else adapter.group_by}")
         detector = loaded.run.load_detector(loaded.cfg)
         slice_scores: dict = {}
+        # lesion maps come from the scoring passes, only where a mask can judge them
+        lesion_maps = LesionMaps(items, scans) if lesions and detector.localises else None
         scores = score_items(detector, items, console=console, description=f"score groups ({label})",
-                             slices=slice_scores)
+                             slices=slice_scores, components=True,
+                             on_maps=lesion_maps if lesion_maps is not None and lesion_maps.wanted else None)
         members: dict[str, list[int]] = defaultdict(list)
         for index, item in enumerate(items):
             members[item.group].append(index)
@@ -145,8 +148,8 @@ def evaluate(run_dirs: str | Path | Sequence[str | Path], data_dir: str | Path, 
             inlier_counts["n_slices"] = len(next(iter(inlier_slices.values())))
         per_run[label] = {"run": str(loaded.run.path), "inliers": inlier_counts, "groups": groups,
                           "seen_groups": list(detector.seen_groups)}
-        if lesions:
-            located = localisation_metrics(detector, items, scans)
+        if lesion_maps is not None:
+            located = lesion_maps.metrics()
             if located is not None:
                 per_run[label]["localisation"] = located
 

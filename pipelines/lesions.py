@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
 from neuro_ood.data.nifti import load_volume
 from neuro_ood.localisation import (brain_region, intensity_baseline_maps, mean_of_scans, pooled_voxel_metrics,
@@ -37,34 +36,48 @@ def _summary(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], regions: S
             "n_scans": len(per_scan)}
 
 
-def localisation_metrics(detector, items: Sequence, scans: dict, foreground: float = 0.1) -> dict[str, Any] | None:
-    """Voxel-level metrics of ``detector``'s maps and of intensity thresholding on the lesion
-    ``items`` (whole volumes) whose scans (``scans``: item key -> :class:`~neuro_ood.data.cohort.Scan`)
-    have a mask; None when no such item exists or the detector does not localise volumes.
+class LesionMaps:
+    """Collects the maps of the lesion ``items`` (whole volumes) whose scans (``scans``: item key
+    -> :class:`~neuro_ood.data.cohort.Scan`) have a mask, as a :func:`~neuro_ood.pipelines.common.score_items`
+    ``on_maps`` callback, so the maps come from the scoring passes; :meth:`metrics` then compares
+    them with the masks."""
 
-    Returns ``{"map": summary, "intensity_bright": summary, "intensity_dark": summary}`` and, for
-    a map with separable parts (:meth:`~neuro_ood.detectors.base.Detector.maps_with_components`),
-    ``"components": {part: summary}``; each summary ``{"pooled", "per_scan", "n_scans"}``."""
-    with_mask = [item for item in items if item.group == LESION_GROUP and item.box_to_scan is not None
-                 and getattr(scans.get(item.key), "lesion_mask", None) is not None]
-    if not with_mask or not detector.localises:
-        return None
-    maps, masks, regions, bright, dark, parts = [], [], [], [], [], {}
-    for item in with_mask:
-        volume = item.slices[0, 0]
-        region = brain_region(volume, foreground)
-        with torch.inference_mode():
-            heat, components = detector.maps_with_components(item.slices)
-            maps.append(heat[0])
-            for part, part_heat in components.items():
-                parts.setdefault(part, []).append(part_heat[0])
-        masks.append(box_mask(scans[item.key].lesion_mask, item))
-        regions.append(region)
-        baseline = intensity_baseline_maps(volume, region)
-        bright.append(baseline["bright"])
-        dark.append(baseline["dark"])
-    located = {"map": _summary(maps, masks, regions), "intensity_bright": _summary(bright, masks, regions),
-               "intensity_dark": _summary(dark, masks, regions)}
-    if parts:
-        located["components"] = {part: _summary(heats, masks, regions) for part, heats in parts.items()}
-    return located
+    def __init__(self, items: Sequence, scans: dict, foreground: float = 0.1):
+        self.items, self.scans, self.foreground = items, scans, foreground
+        self.wanted = {index for index, item in enumerate(items)
+                       if item.group == LESION_GROUP and item.box_to_scan is not None
+                       and getattr(scans.get(item.key), "lesion_mask", None) is not None}
+        self.heat: dict[int, np.ndarray] = {}
+        self.parts: dict[int, dict[str, np.ndarray]] = {}
+
+    def __call__(self, index: int, heat: np.ndarray, parts: dict[str, np.ndarray]) -> None:
+        if index in self.wanted:
+            self.heat[index] = heat[0]
+            self.parts[index] = {part: part_heat[0] for part, part_heat in parts.items()}
+
+    def metrics(self) -> dict[str, Any] | None:
+        """Voxel-level metrics of the collected maps and of intensity thresholding; None when no
+        item has a mask. Returns ``{"map": summary, "intensity_bright": summary, "intensity_dark":
+        summary}`` and, for a map with separable parts
+        (:meth:`~neuro_ood.detectors.base.Detector.maps_with_components`), ``"components": {part:
+        summary}``; each summary ``{"pooled", "per_scan", "n_scans"}``."""
+        if not self.heat:
+            return None
+        maps, masks, regions, bright, dark, parts = [], [], [], [], [], {}
+        for index in sorted(self.heat):
+            item = self.items[index]
+            volume = item.slices[0, 0]
+            region = brain_region(volume, self.foreground)
+            maps.append(self.heat[index])
+            for part, part_heat in self.parts[index].items():
+                parts.setdefault(part, []).append(part_heat)
+            masks.append(box_mask(self.scans[item.key].lesion_mask, item))
+            regions.append(region)
+            baseline = intensity_baseline_maps(volume, region)
+            bright.append(baseline["bright"])
+            dark.append(baseline["dark"])
+        located = {"map": _summary(maps, masks, regions), "intensity_bright": _summary(bright, masks, regions),
+                   "intensity_dark": _summary(dark, masks, regions)}
+        if parts:
+            located["components"] = {part: _summary(heats, masks, regions) for part, heats in parts.items()}
+        return located

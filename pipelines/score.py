@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-import torch
 from rich.console import Console
 
 from neuro_ood.errors import ConfigError, NeuroOODError
@@ -94,6 +93,18 @@ def sources_of_paths(adapter, paths: Sequence[str | Path]) -> tuple[list, list[t
     return sources, failures
 
 
+def _map_names(labels: Sequence[str]) -> list[str]:
+    """A map file stem per item: the scan's file name, numbered from the second scan of the same
+    name in another folder so that both maps are kept."""
+    used: dict[str, int] = {}
+    names = []
+    for label in labels:
+        name = Path(label).name
+        used[name] = used.get(name, 0) + 1
+        names.append(name if used[name] == 1 else f"{name.removesuffix('.nii.gz').removesuffix('.nii')}_{used[name]}")
+    return names
+
+
 def score_scans(run_dir: str | Path, paths: Sequence[str | Path], cache_dir: str | Path | None = None,
                 console: Console | None = None, maps_dir: str | Path | None = None,
                 shard: Shard | None = None) -> ScoreReport:
@@ -123,21 +134,18 @@ def score_scans(run_dir: str | Path, paths: Sequence[str | Path], cache_dir: str
     prepared = prepare_items(adapter, sources, cache_dir, console, "preprocess")
     if not prepared.items:
         return ScoreReport(results=[], failures=failures + prepared.failures, shard=manifest)
-    scores = detector.group_view(score_items(detector, prepared.items, console=console, description="score"), None)
+    map_files: list[str] = []
+    on_maps = None
+    if maps_dir is not None:
+        names = _map_names([item.label for item in prepared.items])
+
+        def on_maps(index: int, heat: np.ndarray, _parts) -> None:
+            files = save_item_maps(Path(maps_dir), names[index], prepared.items[index], heat,
+                                   cfg.preprocessing.spacing_mm, unit=detector.map_unit)
+            map_files.extend(str(f) for f in files)
+    scores = detector.group_view(score_items(detector, prepared.items, console=console, description="score",
+                                             on_maps=on_maps), None)
     results = Normative.of_run(detector, reference, cfg).judge_all([item.label for item in prepared.items], scores)
     for result, site in zip(results, site_verdicts(load_domain_model(run.path), reference, prepared.items)):
         result.site = site
-    map_files = []
-    if maps_dir is not None:
-        spacing = cfg.preprocessing.spacing_mm
-        used: dict[str, int] = {}
-        for item in prepared.items:
-            name = Path(item.label).name
-            used[name] = used.get(name, 0) + 1
-            if used[name] > 1:  # same file name in another folder: keep both maps
-                name = f"{name.removesuffix('.nii.gz').removesuffix('.nii')}_{used[name]}"
-            with torch.inference_mode():
-                heat = detector.maps(item.slices)
-            files = save_item_maps(Path(maps_dir), name, item, heat, spacing, unit=detector.map_unit)
-            map_files.extend(str(f) for f in files)
     return ScoreReport(results=results, failures=failures + prepared.failures, map_files=map_files, shard=manifest)

@@ -75,6 +75,10 @@ class _Recorder:
         self.calls.append((len(x), torch.is_inference_mode_enabled()))
         return {"s": x.reshape(len(x), -1).mean(1).astype(np.float64)}
 
+    def score_and_maps(self, x, components=False):
+        """The slices' first channel as their maps, with a part twice that when ``components``."""
+        return self.score_samples(x), x[:, 0], ({"double": 2 * x[:, 0]} if components else {})
+
 
 def test_score_items_batches_all_items_in_configured_chunks_in_inference_mode():
     cfg = load_config("msma_quick", ["score.batch_slices=5"])
@@ -84,6 +88,27 @@ def test_score_items_batches_all_items_in_configured_chunks_in_inference_mode():
     scores = score_items(recorder, items)
     assert recorder.calls == [(5, True), (5, True), (2, True)]
     np.testing.assert_allclose(scores["s"], [0, 1, 2, 3])
+
+
+@pytest.mark.parametrize("components", [False, True])
+def test_score_items_hands_each_items_maps_over_once_its_slices_are_scored(components):
+    """With ``on_maps``, maps come from the scoring calls and reach the callback per item, in order,
+    whole even where an item's slices straddle two chunks (3 slices an item, chunks of 5)."""
+    cfg = load_config("msma_quick", ["score.batch_slices=5"])
+    counts = [3, 1, 3, 3]
+    items = [Item(key=f"k{i}", subject=f"s{i}", group=None, label=f"l{i}",
+                  slices=np.arange(n * 4, dtype=np.float32).reshape(n, 1, 2, 2) + 100 * i) for i, n in enumerate(counts)]
+    recorder, seen = _Recorder(cfg), []
+    scores = score_items(recorder, items, on_maps=lambda index, heat, parts: seen.append((index, heat, parts)),
+                         components=components)
+    assert [size for size, _ in recorder.calls] == [5, 5]
+    assert [index for index, _, _ in seen] == [0, 1, 2, 3]
+    for (index, heat, parts), item in zip(seen, items):
+        np.testing.assert_array_equal(heat, item.slices[:, 0])
+        assert set(parts) == ({"double"} if components else set())
+        if components:
+            np.testing.assert_array_equal(parts["double"], 2 * item.slices[:, 0])
+    np.testing.assert_allclose(scores["s"], [item.slices.mean() for item in items])
 
 
 @pytest.mark.parametrize("override, message", [("score.precision=fp16", "score.precision"),

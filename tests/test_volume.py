@@ -145,6 +145,37 @@ def test_msma_3d_voxel_maps_and_tail_score(tmp_path, voxel_model):
         np.testing.assert_allclose(combined ** 2, (parts["image"] ** 2 + parts["residual"] ** 2) / 2, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("voxel_model", ["norm", "gmm", "normative"])
+def test_msma_score_and_maps_give_both_from_one_voxel_pass(monkeypatch, voxel_model):
+    """Scores, maps and the map's parts from ``score_and_maps`` equal those of ``score_samples``,
+    ``maps`` and ``maps_with_components``; with a voxel model its map is made once per chunk,
+    not once for ``voxel_tail`` and again for the map."""
+    cfg = load_config("msma3d_quick", TINY_3D + [f"msma.voxel_model={voxel_model}", "training.feature_batch_size=2"])
+    detector = build_detector(cfg, "cpu")
+    rng = np.random.default_rng(1)
+    x = np.zeros((3, 1, 16, 16, 16), np.float32)
+    x[:, :, 3:13, 3:13, 3:13] = 0.6 + 0.05 * rng.standard_normal((3, 1, 10, 10, 10))
+    detector.fit(x)
+    x[2, 0, 5:8, 5:8, 5:8] = 0.95
+    scores, heat, parts = detector.score_and_maps(x, components=True)
+    expected_heat, expected_parts = detector.maps_with_components(x)
+    for name, values in detector.score_samples(x).items():
+        np.testing.assert_allclose(scores[name], values, rtol=1e-5, atol=1e-6)
+    assert set(scores) == set(detector.score_samples(x))
+    np.testing.assert_allclose(heat, expected_heat, rtol=1e-5, atol=1e-5)
+    assert set(parts) == set(expected_parts) == ({"image", "residual"} if voxel_model == "normative" else set())
+    for name in parts:
+        np.testing.assert_allclose(parts[name], expected_parts[name], rtol=1e-5, atol=1e-5)
+    if voxel_model != "norm":
+        calls = []
+        voxel_map = detector._voxel_map
+        monkeypatch.setattr(detector, "_voxel_map", lambda *a, **k: calls.append(len(a[0])) or voxel_map(*a, **k))
+        detector.score_and_maps(x)
+        assert calls == [2, 1]          # one map per chunk of training.feature_batch_size, for both uses
+    empty_scores, empty_heat, _ = detector.score_and_maps(x[:0])
+    assert empty_heat.shape == (0, 16, 16, 16) and all(len(v) == 0 for v in empty_scores.values())
+
+
 @pytest.fixture(scope="module")
 def lesion_cohort(tmp_path_factory):
     root = tmp_path_factory.mktemp("lesion_cohort")

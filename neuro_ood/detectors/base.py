@@ -10,7 +10,8 @@ volumes ``(N, C, D, H, W)`` alike:
 - ``score_samples(x) -> {score name: (N,) float64}``: EVERY SCORE IS HIGHER = MORE TYPICAL
   (more inlier-like), whatever the method computes underneath;
 - ``maps(x) -> (N, *spatial) float32`` where the method localises (``localises = True``):
-  higher = more atypical at that voxel;
+  higher = more atypical at that voxel; ``score_and_maps(x)`` gives both from one pass where
+  they share work (a pipeline that wants both calls it);
 - ``save(directory)`` / ``load(directory)``: the detector's own state (network weights and
   metadata, training state, fitted scorers) in safe formats; nothing else of a run directory.
 
@@ -138,6 +139,14 @@ class Detector:
         """:meth:`maps` and the maps of the parts it combines, ``{part: (N, *spatial)}``, for
         attribution; ``{}`` when the map has no separable parts."""
         return self.maps(x), {}
+
+    def score_and_maps(self, x: np.ndarray, components: bool = False
+                       ) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, np.ndarray]]:
+        """:meth:`score_samples` and :meth:`maps` of ``x (N, C, *spatial)`` together, and with
+        ``components`` the parts of :meth:`maps_with_components` (else ``{}``). A detector whose
+        scores and maps share work overrides this to do that work once."""
+        heat, parts = self.maps_with_components(x) if components else (self.maps(x), {})
+        return self.score_samples(x), heat, parts
 
     def group_view(self, scores: dict[str, np.ndarray], group: str | None) -> dict[str, np.ndarray]:
         """The scores that stand for evaluation ``group`` (``None``: the reference); identity by default."""

@@ -71,20 +71,28 @@ class MSMADetector(FeatureScorerDetector):
         return self._pass(x)[0]
 
     @torch.no_grad()
-    def _pass(self, x: np.ndarray, want_local: bool = False):
+    def _pass(self, x: np.ndarray, want_local: bool = False, want_norm_map: bool = False):
         """One pass of ``x (B, C, *spatial)`` through the network at all L levels: the rows
-        ``(B, F)`` float64 and, with ``want_local``, the local score features ``(B, L, *spatial)``."""
+        ``(B, F)`` float64; with ``want_local``, the local score features ``(B, L, *spatial)``; with
+        ``want_norm_map``, the per-voxel norm of σ_i s_θ over levels and channels ``(B, *spatial)``
+        float32 (the map without a voxel model). What is not wanted is None."""
         m = self.cfg.msma
-        rows, local = [], []
+        rows, local, norm_maps = [], [], []
         for batch, scaled in scaled_scores(self.scoring_network, x, self.sigmas,
                                            max(1, self.cfg.training.feature_batch_size)):
             rows.append(features_of_scaled(batch, scaled, self.feature_kinds, m.bands, m.band_range).cpu().double())
             if want_local:
                 local.append(local_score_features(scaled, m.voxel_patch).cpu())
+            if want_norm_map:
+                norm_maps.append(scaled.float().pow(2).sum(dim=(1, 2)).sqrt().cpu())
+        spatial = np.shape(x)[2:]
         if not rows:
             size = score_feature_size(self.feature_kinds, len(self.sigmas), int(self.input_shape[0]), m.bands)
-            return np.zeros((0, size)), (np.zeros((0, len(self.sigmas), *np.shape(x)[2:]), np.float32) if want_local else None)
-        return torch.cat(rows).numpy(), (torch.cat(local).numpy() if want_local else None)
+            return (np.zeros((0, size)),
+                    np.zeros((0, len(self.sigmas), *spatial), np.float32) if want_local else None,
+                    np.zeros((0, *spatial), np.float32) if want_norm_map else None)
+        return (torch.cat(rows).numpy(), torch.cat(local).numpy() if want_local else None,
+                torch.cat(norm_maps).numpy() if want_norm_map else None)
 
     def _foreground(self, x: np.ndarray) -> np.ndarray:
         """``x (B, C, *spatial)`` -> bool ``(B, *spatial)``: the brain region
@@ -145,32 +153,62 @@ class MSMADetector(FeatureScorerDetector):
         heat = finish(np.mean(list(per_kind.values()), axis=0))
         return heat, ({kind: finish(ms) for kind, ms in per_kind.items()} if parts else {})
 
-    def _voxel_map(self, x: np.ndarray, local: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def _voxel_map(self, x: np.ndarray, local: np.ndarray | None = None, parts: bool = False
+                   ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """The fitted voxel model's map of ``x (B, C, *spatial)`` and the foreground it covers, both
-        ``(B, *spatial)``; ``local``: the gmm model's local features when already computed."""
+        ``(B, *spatial)``, and with ``parts`` the normative model's map per feature kind (else ``{}``);
+        ``local``: the gmm model's local features when already computed."""
         foreground = self._foreground(x)
         if self.location_model is not None:
-            return self._normative_maps(x, foreground)[0], foreground
+            heat, kinds = self._normative_maps(x, foreground, parts=parts)
+            return heat, foreground, kinds
         if local is None:
             local = self._pass(x, want_local=True)[1]
-        return self._surprise(local, foreground), foreground
+        return self._surprise(local, foreground), foreground, {}
+
+    @property
+    def _has_voxel_model(self) -> bool:
+        return self.voxel_scorer is not None or self.location_model is not None
+
+    def _scores_of_rows(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        views = self.feature_views(rows)
+        return {name: scorer.score_samples(views[self._view_of(name, views)]) for name, scorer in self.scorers.items()}
 
     def score_samples(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """The auxiliary scorers' scores and, with a voxel model, ``voxel_tail`` (higher = more typical)."""
-        if self.voxel_scorer is None and self.location_model is None:
+        if not self._has_voxel_model:
             return super().score_samples(x)
+        return self.score_and_maps(x)[0]
+
+    def score_and_maps(self, x: np.ndarray, components: bool = False
+                       ) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, np.ndarray]]:
+        """:meth:`score_samples`, :meth:`maps` and, with ``components``, the parts of
+        :meth:`maps_with_components`, of ``x (N, C, *spatial)`` from one set of network passes: a
+        voxel model's map is computed once, for ``voxel_tail`` and as the map."""
         chunk = max(1, self.cfg.training.feature_batch_size)
-        rows, tails = [], []
+        voxel = self._has_voxel_model
+        if not len(x):
+            names = list(self.scorers) + (["voxel_tail"] if voxel else [])
+            return {name: np.zeros(0) for name in names}, np.zeros((0, *np.shape(x)[2:]), np.float32), {}
+        rows, tails, heats, parts = [], [], [], {}
         for start in range(0, len(x), chunk):
             part = x[start:start + chunk]
-            features, local = self._pass(part, want_local=self.voxel_scorer is not None)
+            features, local, norm_map = self._pass(part, want_local=self.voxel_scorer is not None,
+                                                   want_norm_map=not voxel)
             rows.append(features)
-            tails.append(self._tail(*self._voxel_map(part, local)))
-        views = self.feature_views(np.concatenate(rows))
-        scores = {name: scorer.score_samples(views[self._view_of(name, views)])
-                  for name, scorer in self.scorers.items()}
-        scores["voxel_tail"] = np.concatenate(tails)
-        return scores
+            if voxel:
+                heat, foreground, kinds = self._voxel_map(
+                    part, local, parts=components and len(self.cfg.msma.voxel_features) > 1)
+                tails.append(self._tail(heat, foreground))
+            else:
+                heat, kinds = norm_map, {}
+            heats.append(heat)
+            for kind, kind_heat in kinds.items():
+                parts.setdefault(kind, []).append(kind_heat)
+        scores = self._scores_of_rows(np.concatenate(rows))
+        if voxel:
+            scores["voxel_tail"] = np.concatenate(tails)
+        return scores, np.concatenate(heats), {kind: np.concatenate(h) for kind, h in parts.items()}
 
     def fit_voxel_model(self, x: np.ndarray, progress: Progress | None = None) -> None:
         """Fit the voxel model (``msma.voxel_model``) on the first ``msma.voxel_images`` images of
@@ -184,7 +222,7 @@ class MSMADetector(FeatureScorerDetector):
         samples = []
         progress("fit voxel model", 0, len(images) + 1, float("nan"))
         for start in range(len(images)):
-            _, local = self._pass(images[start:start + 1], want_local=True)
+            local = self._pass(images[start:start + 1], want_local=True)[1]
             rows = np.moveaxis(local[0], 0, -1)[self._foreground(images[start:start + 1])[0]]
             samples.append(rows[rng.choice(len(rows), min(len(rows), m.voxel_samples), replace=False)])
             progress("fit voxel model", start + 1, len(images) + 1, float("nan"))

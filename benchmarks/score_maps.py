@@ -1,0 +1,79 @@
+"""Scores and anomaly maps of whole volumes from one set of network passes, against the former
+path that scored first and then made each map again (``score --maps``, ``evaluate --group-by
+lesion``), at msma3d_quick size with its normative voxel model (the map is needed for the scan
+score ``voxel_tail`` too, so the former path computed it twice).
+
+The network is untrained (timing does not depend on its weights); the scorers and the voxel
+model are fitted on the same synthetic 2 mm volumes.
+
+    .venv/bin/python benchmarks/score_maps.py [--scans 6] [--threads 1]
+"""
+
+import argparse
+import resource
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from _timing import best_of, report
+
+from neuro_ood.config import load_config
+from neuro_ood.data.synthetic import synthesize_t1
+from neuro_ood.detectors.msma import MSMADetector
+from neuro_ood.pipelines.common import score_items
+from neuro_ood.pipelines.datasets import dataset_adapter
+
+OVERRIDES = ["scorers.gmm={n_components: [1, 2], cv: 2, n_jobs: 1}", "scorers.maf={epochs: 5}",
+             "scorers.knn={n_neighbors: 3}", "training.device=cpu"]
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--scans", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = load_config("msma3d_quick", OVERRIDES)
+    adapter = dataset_adapter(cfg)
+    quiet = Console(quiet=True)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; msma3d_quick network and normative "
+          f"voxel model (search radius {cfg.msma.voxel_search}), {args.scans} synthetic 2 mm volumes")
+    with tempfile.TemporaryDirectory() as tmp:
+        rng = np.random.default_rng(0)
+        paths = []
+        for index in range(args.scans):
+            path = Path(tmp) / f"sub-{index:03d}_T1w.nii.gz"
+            synthesize_t1(float(rng.uniform(9, 11)), rng).to_filename(path)
+            paths.append(path)
+        items = [item for source in adapter.sources_from_paths(paths)
+                 for item in adapter.items(source, adapter.preprocess(source))]
+    volumes = np.concatenate([item.slices for item in items])
+    detector = MSMADetector(cfg)
+    detector._start_network(volumes.shape[1:], None, resume=False)
+    detector.fit_scorers(detector.features(volumes), None, None)
+    detector.fit_voxel_model(volumes)
+
+    def scores_then_maps():
+        score_items(detector, items, console=quiet)
+        with torch.inference_mode():
+            return [detector.maps(item.slices) for item in items]
+
+    def one_pass():
+        maps = []
+        score_items(detector, items, console=quiet, on_maps=lambda index, heat, parts: maps.append(heat))
+        return maps
+
+    with torch.inference_mode():
+        np.testing.assert_allclose(np.concatenate(one_pass()), np.concatenate(scores_then_maps()), rtol=1e-4, atol=1e-4)
+    former_s = best_of(scores_then_maps, repeats=1)
+    shared_s = best_of(one_pass, repeats=1)
+    report(f"scores and maps of {args.scans} volumes from one pass", shared_s, former_s, "scores, then maps again")
+    print(f"  {args.scans / shared_s:.2f} volumes/s against {args.scans / former_s:.2f}")
+    print(f"peak resident memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
