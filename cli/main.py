@@ -166,6 +166,8 @@ def score(
     maps: Optional[Path] = typer.Option(None, "--maps", help="Write voxel-level anomaly maps (NIfTI + PNG) "
                                                               "here (MSMA and f-AnoGAN runs)."),
     shard: Optional[str] = ShardOption,
+    workers: int = typer.Option(1, "--workers", help="Processes preprocessing scans ahead while the network "
+                                                     "scores (1: a background thread; 0: none, in turn)."),
     cache_dir: Optional[Path] = CacheOption,
 ):
     """Score scans against a run's normative reference: score, percentile and flag per scorer."""
@@ -173,8 +175,10 @@ def score(
     from neuro_ood.pipelines.shards import parse_shard
     from neuro_ood.report import scores_table
 
+    if workers < 0:
+        fail(f"--workers {workers}: needs 0 or more")
     report = score_scans(run, scans, cache_dir=cache_dir, console=err_console, maps_dir=maps,
-                         shard=parse_shard(shard))
+                         shard=parse_shard(shard), workers=workers)
     if as_json:
         payload = {"scans": [r.to_dict() for r in report.results],
                    "failed": [{"path": p, "reason": r} for p, r in report.failures], "maps": report.map_files,
@@ -198,7 +202,8 @@ def report(
     runs: List[Path] = typer.Option(..., "--run", help="Run directory; repeat for several runs side by side."),
     out: Path = typer.Option(..., "--out", help="Folder for report.html, report.json, scores.csv and maps/ "
                                                 "(run again to resume)."),
-    workers: int = typer.Option(1, "--workers", help="Processes preprocessing scans in parallel."),
+    workers: int = typer.Option(1, "--workers", help="Processes preprocessing scans ahead while the network "
+                                                     "scores (1: a background thread; 0: none, in turn)."),
     maps: str = typer.Option("flagged", "--maps", help="Anomaly maps as NIfTI (MSMA, f-AnoGAN): flagged, all "
                                                        "or none."),
     sample: int = typer.Option(12, "--sample", help="Unflagged scans shown as thumbnails besides the flagged."),
@@ -213,8 +218,8 @@ def report(
     from neuro_ood.pipelines.report import report as run_report
     from neuro_ood.pipelines.shards import parse_shard
 
-    if workers < 1:
-        fail(f"--workers {workers}: needs at least 1")
+    if workers < 0:
+        fail(f"--workers {workers}: needs 0 or more")
     if sample < 0:
         fail(f"--sample {sample}: needs 0 or more")
     parsed = parse_shard(shard)
@@ -349,7 +354,7 @@ def quickstart(
     """Synthesise a cohort, train MSMA at CPU size and the simple baseline, evaluate by age side by side, print
     the table, write a report."""
     from neuro_ood.pipelines.quickstart import quickstart as run_quickstart
-    from neuro_ood.report import comparison_table, localisation_table, metrics_tables
+    from neuro_ood.report import comparison_table, metrics_tables
 
     metrics = run_quickstart(out, config=config, overrides=overrides, console=err_console,
                              baselines=with_baselines)

@@ -3,10 +3,13 @@ a detector's progress on the console."""
 
 from __future__ import annotations
 
+import multiprocessing
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 from rich.console import Console
@@ -14,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from neuro_ood.errors import CohortError, ScanError
 from neuro_ood.preprocessing.cache import PreprocessedCache, default_cache_dir
-from neuro_ood.pipelines.datasets import Item, Source
+from neuro_ood.pipelines.datasets import Item, Source, dataset_adapter
 
 @contextmanager
 def progress_bar(console: Console | None, *extra_columns) -> Iterator[Progress]:
@@ -84,6 +87,83 @@ def preprocess_source(adapter, cache: PreprocessedCache, source: Source) -> tupl
         return None, "a folder, not a scan file"
     except OSError as err:
         return None, f"cannot read ({err.strerror or err})"
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(cfg, cache_root: str) -> None:
+    import signal
+
+    import torch
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the main process, which ends the pool
+    torch.set_num_threads(1)
+    adapter = dataset_adapter(cfg)
+    _WORKER.update(adapter=adapter, cache=PreprocessedCache(cache_root, adapter.fingerprint))
+
+
+def _preprocess_in_worker(source: Source):
+    return preprocess_source(_WORKER["adapter"], _WORKER["cache"], source)
+
+
+class PreprocessStream:
+    """``(source, arrays, reason)`` per source of ``sources``, in order, when iterated, through the
+    preprocessing cache of ``cfg``'s ``adapter``.
+
+    With ``workers`` >= 1 each source is preprocessed before the consumer asks for it (up to
+    ``ahead`` sources per worker in flight), so that preprocessing overlaps what the consumer does
+    meanwhile (the network): ``workers`` = 1 in one background thread (file reading, resampling and
+    torch release the GIL for their heavy parts), more in that many processes (each starts by
+    importing the libraries, a few seconds: worth it for large cohorts). ``workers`` = 0: in the
+    consumer's thread, in turn with it. :meth:`close` (or leaving the iteration) ends the workers.
+    """
+
+    def __init__(self, cfg, adapter, sources: Sequence[Source], cache_dir: str | Path | None, workers: int = 1,
+                 ahead: int = 2):
+        self.sources, self.workers, self.ahead = list(sources), max(0, workers), max(1, ahead)
+        cache_root = Path(cache_dir or default_cache_dir())
+        self._queue: deque = deque()
+        self._pool = None
+        if self.workers == 0:
+            cache = PreprocessedCache(cache_root, adapter.fingerprint)
+            self._compute = lambda source: preprocess_source(adapter, cache, source)
+        elif self.workers == 1:
+            cache = PreprocessedCache(cache_root, adapter.fingerprint)
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="neuro-ood-preprocess")
+            self._submit = lambda source: self._pool.submit(preprocess_source, adapter, cache, source)
+        else:
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_init_worker, initargs=(cfg, str(cache_root)))
+            self._submit = lambda source: self._pool.submit(_preprocess_in_worker, source)
+
+    def __iter__(self) -> Iterator[tuple[Source, dict[str, np.ndarray] | None, str | None]]:
+        if self._pool is None:
+            for source in self.sources:
+                yield (source, *self._compute(source))
+            return
+        try:
+            for source in self.sources:
+                self._queue.append((source, self._submit(source)))
+                if len(self._queue) >= self.ahead * self.workers:
+                    yield self._next()
+            while self._queue:
+                yield self._next()
+        finally:
+            self.close()
+
+    def _next(self) -> tuple[Source, dict[str, np.ndarray] | None, str | None]:
+        source, future = self._queue.popleft()
+        return (source, *future.result())
+
+    def next_is_ready(self) -> bool:
+        """Whether the next source is preprocessed already (so taking it costs no wait). Always
+        true in turn (``workers`` = 0), where nothing runs meanwhile."""
+        return self._pool is None or not self._queue or self._queue[0][1].done()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def batched(fn: Callable[[np.ndarray], dict[str, np.ndarray]], images: np.ndarray, chunk: int = 64,

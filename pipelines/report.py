@@ -23,17 +23,14 @@ import fnmatch
 import hashlib
 import io
 import math
-import multiprocessing
 import os
 import re
 import shlex
 import time
-from collections import deque
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -48,7 +45,7 @@ from neuro_ood.io import load_arrays, read_json, save_arrays, write_json, write_
 from neuro_ood.metrics import ood_metrics
 from neuro_ood.preprocessing.cache import PreprocessedCache, content_digest, default_cache_dir
 from neuro_ood.pipelines import report_html, shards
-from neuro_ood.pipelines.common import preprocess_source, progress_bar, save_item_maps, score_items
+from neuro_ood.pipelines.common import PreprocessStream, preprocess_source, progress_bar, save_item_maps, score_items
 from neuro_ood.pipelines.datasets import Item, Source, dataset_adapter
 from neuro_ood.pipelines.evaluate import _labels
 from neuro_ood.pipelines.reference import reference_scores
@@ -73,7 +70,8 @@ RUN_FILES = ("config.yaml", "preprocessing.json", "model.json", "model.safetenso
              "scorers.safetensors", "reference.json")
 CACHE_VERSION = 1
 MAPS_CHOICES = ("flagged", "all", "none")
-#: Scans scored per network call group; each one's cache entry is written as soon as its group is done.
+#: Most scans scored per network call group (fewer when the next scan is not preprocessed yet); each
+#: one's cache entry is written as soon as its group is done.
 CHUNK = 8
 ENTITY = re.compile(r"(?:^|[_/])(sub|ses)-([A-Za-z0-9]+)")
 
@@ -188,52 +186,6 @@ def _cached_items(adapter, source: Source, entry: dict[str, Any]) -> list[Item]:
     arrays = {name: np.asarray(value) for name, value in entry["arrays"].items()}
     arrays["slices"] = np.zeros((int(entry["n_slices"]), 0), dtype=np.float32)
     return adapter.items(source, arrays)
-
-
-# -- parallel preprocessing ----------------------------------------------------------------------
-
-_WORKER: dict[str, Any] = {}
-
-
-def _init_worker(cfg: ExperimentConfig, cache_root: str) -> None:
-    import signal
-
-    import torch
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the main process, which ends the pool
-    torch.set_num_threads(1)
-    adapter = dataset_adapter(cfg)
-    _WORKER.update(adapter=adapter, cache=PreprocessedCache(cache_root, adapter.fingerprint))
-
-
-def _preprocess_in_worker(source: Source):
-    return preprocess_source(_WORKER["adapter"], _WORKER["cache"], source)
-
-
-def preprocessed(cfg: ExperimentConfig, adapter, sources: Sequence[Source], cache_dir: str | Path | None,
-                 workers: int = 1) -> Iterator[tuple[Source, dict[str, np.ndarray] | None, str | None]]:
-    """``(source, arrays, reason)`` per source in order, through the preprocessing cache; with
-    ``workers`` > 1 preprocessed in that many processes, a few sources ahead of the consumer."""
-    cache_root = Path(cache_dir or default_cache_dir())
-    if workers <= 1:
-        cache = PreprocessedCache(cache_root, adapter.fingerprint)
-        for source in sources:
-            yield (source, *preprocess_source(adapter, cache, source))
-        return
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_init_worker, initargs=(cfg, str(cache_root)))
-    try:
-        queue: deque = deque()
-        for source in sources:
-            queue.append((source, pool.submit(_preprocess_in_worker, source)))
-            if len(queue) >= 2 * workers:
-                done, future = queue.popleft()
-                yield (done, *future.result())
-        while queue:
-            done, future = queue.popleft()
-            yield (done, *future.result())
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
 
 
 # -- runs -----------------------------------------------------------------------------------------
@@ -351,7 +303,8 @@ def report(cohort_inputs: Sequence[str | Path], run_dirs: Sequence[str | Path], 
     scan (``all``) or none; ``sample``: unflagged scans shown as thumbnails beside the flagged ones;
     ``show``: glob patterns (or substrings) of relative paths always shown; ``skip_trained``: leave
     out the subjects a run trained on; ``stop_after`` (tests): raise ``KeyboardInterrupt`` once
-    that many scans were scored, as a kill would stop it.
+    that many scans were scored, as a kill would stop it; ``workers``: how scans are preprocessed
+    ahead of the network (:class:`~neuro_ood.pipelines.common.PreprocessStream`).
 
     ``shard``: score only that share of the cohort (:mod:`neuro_ood.pipelines.shards`), write no
     thumbnails, and finish with the shard's manifest. ``merged`` (:mod:`neuro_ood.pipelines.merge`):
@@ -364,8 +317,8 @@ def report(cohort_inputs: Sequence[str | Path], run_dirs: Sequence[str | Path], 
         raise ConfigError(f"--out {out} is a file; name a folder for the report")
     if maps not in MAPS_CHOICES:
         raise ConfigError(f"--maps {maps!r}: choose one of {', '.join(MAPS_CHOICES)}")
-    if workers < 1:
-        raise ConfigError(f"--workers {workers}: needs at least 1")
+    if workers < 0:
+        raise ConfigError(f"--workers {workers}: needs 0 or more")
     runs = load_runs(run_dirs, out)
     first = runs[0]
     cohort = open_cohort(first.adapter, cohort_inputs)
@@ -459,7 +412,7 @@ def report(cohort_inputs: Sequence[str | Path], run_dirs: Sequence[str | Path], 
                 if stop_after is not None and scored_now >= stop_after:
                     raise KeyboardInterrupt
 
-            stream = preprocessed(run.cfg, run.adapter, [s for s, _ in missing], cache_dir, workers)
+            stream = PreprocessStream(run.cfg, run.adapter, [s for s, _ in missing], cache_dir, workers)
             try:
                 for source, arrays, reason in stream:
                     if reason is not None:
@@ -467,7 +420,9 @@ def report(cohort_inputs: Sequence[str | Path], run_dirs: Sequence[str | Path], 
                         progress.advance(task)
                         continue
                     pending.append((source, arrays))
-                    if len(pending) >= CHUNK or (stop_after is not None and scored_now + len(pending) >= stop_after):
+                    # score as soon as the network would otherwise wait for preprocessing
+                    if (len(pending) >= CHUNK or not stream.next_is_ready()
+                            or (stop_after is not None and scored_now + len(pending) >= stop_after)):
                         flush()
                 flush()
             finally:

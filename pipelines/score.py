@@ -10,7 +10,7 @@ import numpy as np
 from rich.console import Console
 
 from neuro_ood.errors import ConfigError, NeuroOODError
-from neuro_ood.pipelines.common import prepare_items, save_item_maps, score_items
+from neuro_ood.pipelines.common import PreprocessStream, progress_bar, save_item_maps, score_items
 from neuro_ood.pipelines.datasets import dataset_adapter
 from neuro_ood.pipelines.domain import load_domain_model, site_verdicts
 from neuro_ood.pipelines.rundir import RunDir
@@ -93,26 +93,31 @@ def sources_of_paths(adapter, paths: Sequence[str | Path]) -> tuple[list, list[t
     return sources, failures
 
 
-def _map_names(labels: Sequence[str]) -> list[str]:
-    """A map file stem per item: the scan's file name, numbered from the second scan of the same
-    name in another folder so that both maps are kept."""
-    used: dict[str, int] = {}
-    names = []
-    for label in labels:
+class _MapNames:
+    """A map file stem per scan, in scoring order: the scan's file name, numbered from the second
+    scan of the same name in another folder so that both maps are kept."""
+
+    def __init__(self):
+        self.used: dict[str, int] = {}
+
+    def __call__(self, label: str) -> str:
         name = Path(label).name
-        used[name] = used.get(name, 0) + 1
-        names.append(name if used[name] == 1 else f"{name.removesuffix('.nii.gz').removesuffix('.nii')}_{used[name]}")
-    return names
+        self.used[name] = self.used.get(name, 0) + 1
+        return name if self.used[name] == 1 else f"{name.removesuffix('.nii.gz').removesuffix('.nii')}_{self.used[name]}"
 
 
 def score_scans(run_dir: str | Path, paths: Sequence[str | Path], cache_dir: str | Path | None = None,
                 console: Console | None = None, maps_dir: str | Path | None = None,
-                shard: Shard | None = None) -> ScoreReport:
+                shard: Shard | None = None, workers: int = 1) -> ScoreReport:
     """Score each input with every score of the run's method; bad inputs are reported, not fatal.
 
-    With ``maps_dir``, methods that localise (MSMA: per-pixel score norms; f-AnoGAN: residuals) also
-    write each item's anomaly map there as NIfTI and PNG. With ``shard``, only that share of
-    ``paths`` (sorted by path as given; :mod:`neuro_ood.pipelines.shards`) is scored.
+    The inputs stream through: each is preprocessed (through the cache) while the network scores
+    the ones before it (:class:`~neuro_ood.pipelines.common.PreprocessStream`: ``workers`` > 1
+    processes, 1 a background thread, 0 in turn), and the network takes what is ready, at most
+    ``score.batch_slices`` slices at a time, so memory holds a chunk of scans, not the cohort. With ``maps_dir``, methods that localise (MSMA: per-pixel score
+    norms or its voxel model; f-AnoGAN: residuals) also write each item's anomaly map there as
+    NIfTI and PNG, from the scoring passes. With ``shard``, only that share of ``paths`` (sorted by
+    path as given; :mod:`neuro_ood.pipelines.shards`) is scored.
     """
     console = console or Console(stderr=True)
     run = RunDir(run_dir)
@@ -131,21 +136,46 @@ def score_scans(run_dir: str | Path, paths: Sequence[str | Path], cache_dir: str
                     "cohort": identity(keys), "n_inputs": len(keys)}
         paths = [paths[i] for i in share(keys, shard)]
     sources, failures = sources_of_paths(adapter, paths)
-    prepared = prepare_items(adapter, sources, cache_dir, console, "preprocess")
-    if not prepared.items:
-        return ScoreReport(results=[], failures=failures + prepared.failures, shard=manifest)
+    normative = Normative.of_run(detector, reference, cfg)
+    domain_model = load_domain_model(run.path)
+    results: list[ScanResult] = []
     map_files: list[str] = []
-    on_maps = None
-    if maps_dir is not None:
-        names = _map_names([item.label for item in prepared.items])
+    map_name = _MapNames()
+    pending: list = []
 
-        def on_maps(index: int, heat: np.ndarray, _parts) -> None:
-            files = save_item_maps(Path(maps_dir), names[index], prepared.items[index], heat,
-                                   cfg.preprocessing.spacing_mm, unit=detector.map_unit)
-            map_files.extend(str(f) for f in files)
-    scores = detector.group_view(score_items(detector, prepared.items, console=console, description="score",
-                                             on_maps=on_maps), None)
-    results = Normative.of_run(detector, reference, cfg).judge_all([item.label for item in prepared.items], scores)
-    for result, site in zip(results, site_verdicts(load_domain_model(run.path), reference, prepared.items)):
-        result.site = site
-    return ScoreReport(results=results, failures=failures + prepared.failures, map_files=map_files, shard=manifest)
+    def score_pending() -> None:
+        on_maps = None
+        if maps_dir is not None:
+            names = [map_name(item.label) for item in pending]
+
+            def on_maps(index: int, heat: np.ndarray, _parts) -> None:
+                files = save_item_maps(Path(maps_dir), names[index], pending[index], heat,
+                                       cfg.preprocessing.spacing_mm, unit=detector.map_unit)
+                map_files.extend(str(f) for f in files)
+        scores = detector.group_view(score_items(detector, pending, console=quiet, on_maps=on_maps), None)
+        judged = normative.judge_all([item.label for item in pending], scores)
+        for result, site in zip(judged, site_verdicts(domain_model, reference, pending)):
+            result.site = site
+        results.extend(judged)
+        pending.clear()
+
+    quiet = Console(quiet=True)
+    with progress_bar(console) as progress:
+        task = progress.add_task("preprocess + score", total=len(sources))
+        stream = PreprocessStream(cfg, adapter, sources, cache_dir, workers)
+        try:
+            for source, arrays, reason in stream:
+                if reason is not None:
+                    failures.append((source.label, reason))
+                else:
+                    pending.extend(adapter.items(source, arrays))
+                # score as soon as the network would otherwise wait for preprocessing
+                if pending and (sum(len(item.slices) for item in pending) >= cfg.score.batch_slices
+                                or not stream.next_is_ready()):
+                    score_pending()
+                progress.advance(task)
+            if pending:
+                score_pending()
+        finally:
+            stream.close()
+    return ScoreReport(results=results, failures=failures, map_files=map_files, shard=manifest)

@@ -103,6 +103,60 @@ def test_score_bad_inputs_one_line_each_and_good_ones_still_scored(trained_run, 
     assert len(payload["failed"]) == len(cases)
 
 
+def test_score_streams_scans_in_chunks_with_the_same_results(trained_run, tiny_cohort, tmp_path):
+    """Scans stream through preprocessing (worker processes here, a background thread by default)
+    and the network a chunk of ``score.batch_slices`` at a time: one scan a chunk gives the scores
+    of one chunk for all, in input order, a bad file in between listed as failed."""
+    import shutil
+
+    import yaml
+
+    from neuro_ood.pipelines.score import score_scans
+
+    scans = sorted(tiny_cohort.glob("sub-*/anat/*.nii.gz"))[:4]
+    bad = tmp_path / "bad" / "corrupt.nii.gz"
+    bad.parent.mkdir()
+    write_bad_files(bad.parent)
+    inputs = [*scans[:2], bad, *scans[2:]]
+    whole = score_scans(trained_run, inputs, cache_dir=tmp_path / "cache1")
+    per_scan_run = tmp_path / "run"
+    shutil.copytree(trained_run, per_scan_run)
+    config = yaml.safe_load((per_scan_run / "config.yaml").read_text())
+    config.setdefault("score", {})["batch_slices"] = 3          # a scan's 3 slices a chunk
+    (per_scan_run / "config.yaml").write_text(yaml.safe_dump(config))
+    streamed = score_scans(per_scan_run, inputs, cache_dir=tmp_path / "cache2", workers=2)
+    assert [r.path for r in streamed.results] == [r.path for r in whole.results] == [str(s) for s in scans]
+    assert streamed.failures == whole.failures and [path for path, _ in whole.failures] == [str(bad)]
+    for a, b in zip(streamed.results, whole.results):
+        assert a.scores.keys() == b.scores.keys()
+        np.testing.assert_allclose(list(a.scores.values()), list(b.scores.values()), rtol=1e-5)
+        assert a.flags == b.flags
+
+
+def test_preprocess_stream_gives_the_same_arrays_in_order_in_turn_or_ahead(tiny_cohort, tmp_path):
+    """A background thread computes the same arrays as preprocessing in turn, in source order,
+    a bad file's reason included; nothing runs meanwhile in turn, so its next is always ready."""
+    from neuro_ood.config import load_config
+    from neuro_ood.pipelines.common import PreprocessStream
+    from neuro_ood.pipelines.datasets import dataset_adapter
+
+    cfg = load_config("msma_quick", TINY_OVERRIDES)
+    adapter = dataset_adapter(cfg)
+    write_bad_files(tmp_path)
+    paths = [*sorted(tiny_cohort.glob("sub-*/anat/*.nii.gz"))[:3], tmp_path / "nan.nii.gz"]
+    sources = adapter.sources_from_paths(paths)
+    in_turn = PreprocessStream(cfg, adapter, sources, tmp_path / "cache0", workers=0)
+    first = list(in_turn)
+    assert in_turn.next_is_ready()
+    ahead = list(PreprocessStream(cfg, adapter, sources, tmp_path / "cache1", workers=1, ahead=3))
+    assert [s.label for s, _, _ in ahead] == [s.label for s, _, _ in first] == [str(p) for p in paths]
+    for (_, a, reason_a), (_, b, reason_b) in zip(first, ahead):
+        assert reason_a == reason_b
+        if a is not None:
+            np.testing.assert_array_equal(a["slices"], b["slices"])
+    assert first[-1][1] is None and "NaN" in first[-1][2]
+
+
 @pytest.mark.parametrize("name", ["truncated.nii.gz", "corrupt.nii.gz", "slice2d.nii.gz", "series4d.nii.gz",
                                   "nan.nii.gz", "constant.nii.gz", "text.nii.gz"])
 def test_score_single_bad_file_exits_2_with_one_line(trained_run, tmp_path, name):

@@ -180,7 +180,7 @@ def test_report_of_files_and_bad_arguments(runs, cohort, tmp_path):
     rows = _csv(tmp_path / "files" / "scores.csv")
     assert [r["subject"] for r in rows] == ["sub-0003", "sub-0004", "sub-0005"]
     assert all(r["path"].startswith("sub-000") for r in rows)
-    for args in (["--maps", "some"], ["--workers", "0"]):
+    for args in (["--maps", "some"], ["--workers", "-1"]):
         result = invoke("report", cohort, "--run", runs / "msma", "--out", tmp_path / "bad", *args)
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:"), result.output

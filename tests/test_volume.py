@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from neuro_ood.backbones.ncsn import NoiseConditionalScoreNet
-from neuro_ood.config import ExperimentConfig, PreprocessingConfig, load_config
+from neuro_ood.config import PreprocessingConfig, load_config
 from neuro_ood.data.synthetic import write_synthetic_cohort
 from neuro_ood.detectors import build_detector
 from neuro_ood.preprocessing.inverse import box_to_scan_grid, scan_to_box_grid
