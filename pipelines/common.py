@@ -244,6 +244,71 @@ def score_items(detector, items: Sequence[Item], chunk: int | None = None, conso
     return {name: np.array([s.mean() for s in np.split(values, bounds)]) for name, values in slice_scores.items()}
 
 
+@dataclass
+class ScoredItems:
+    """What :func:`score_sources` gives: the kept items in source order, their slices dropped once
+    scored (``slices`` of shape ``(S, 0)`` keep the count); per item each score ``{name: (N,)}``;
+    per slice ``{name: (S_total,)}`` in item order; ``(label, reason)`` of the sources that failed."""
+
+    items: list[Item] = field(default_factory=list)
+    scores: dict[str, np.ndarray] = field(default_factory=dict)
+    slice_scores: dict[str, np.ndarray] = field(default_factory=dict)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+
+ItemMapsCallback = Callable[[Item, np.ndarray, dict], None]
+
+
+def score_sources(detector, cfg, adapter, sources: Sequence[Source], cache_dir: str | Path | None = None,
+                  console: Console | None = None, description: str = "preprocess + score", workers: int = 1,
+                  keep: Callable[[Item], bool] | None = None, on_maps: ItemMapsCallback | None = None,
+                  components: bool = False) -> ScoredItems:
+    """Preprocess ``sources`` and score their items (those ``keep`` accepts) with ``detector``,
+    streaming: a :class:`PreprocessStream` of ``workers`` runs ahead, and the network takes what is
+    ready, at most ``cfg.score.batch_slices`` slices a call (:func:`score_items`), so memory holds
+    about a chunk of items, not the cohort. With ``on_maps``, ``on_maps(item, heat (S, *spatial),
+    parts)`` is called for each kept item with its maps from the scoring passes, while its slices
+    are still there."""
+    out = ScoredItems()
+    pending: list[Item] = []
+    scores: list[dict[str, np.ndarray]] = []
+    slice_scores: list[dict[str, np.ndarray]] = []
+    quiet = Console(quiet=True)
+
+    def score_pending() -> None:
+        chunk_slices: dict[str, np.ndarray] = {}
+        callback = None if on_maps is None else (lambda index, heat, parts: on_maps(pending[index], heat, parts))
+        scores.append(score_items(detector, pending, console=quiet, slices=chunk_slices, on_maps=callback,
+                                  components=components))
+        slice_scores.append(chunk_slices)
+        out.items.extend(Item(**{**vars(item), "slices": np.empty((len(item.slices), 0), np.float32)})
+                         for item in pending)
+        pending.clear()
+
+    with progress_bar(console) as progress:
+        task = progress.add_task(description, total=len(sources))
+        stream = PreprocessStream(cfg, adapter, sources, cache_dir, workers)
+        try:
+            for source, arrays, reason in stream:
+                if reason is not None:
+                    out.failures.append((source.label, reason))
+                else:
+                    pending.extend(item for item in adapter.items(source, arrays) if keep is None or keep(item))
+                # score as soon as the network would otherwise wait for preprocessing
+                if pending and (sum(len(item.slices) for item in pending) >= cfg.score.batch_slices
+                                or not stream.next_is_ready()):
+                    score_pending()
+                progress.advance(task)
+            if pending:
+                score_pending()
+        finally:
+            stream.close()
+    if scores:
+        out.scores = {name: np.concatenate([part[name] for part in scores]) for name in scores[0]}
+        out.slice_scores = {name: np.concatenate([part[name] for part in slice_scores]) for name in slice_scores[0]}
+    return out
+
+
 def save_item_maps(out_dir: Path, name: str, item: Item, heat: np.ndarray, spacing_mm: Sequence[float],
                    png: bool = True, unit: str = "") -> list[Path]:
     """One item's anomaly map files: for a whole volume (``item.box_to_scan`` set) the map on the

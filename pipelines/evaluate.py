@@ -14,7 +14,7 @@ from rich.console import Console
 from neuro_ood.config import ExperimentConfig
 from neuro_ood.errors import CohortError, ConfigError, RunError
 from neuro_ood.metrics import ood_metrics
-from neuro_ood.pipelines.common import prepare_items, score_items
+from neuro_ood.pipelines.common import score_sources
 from neuro_ood.pipelines.datasets import dataset_adapter
 from neuro_ood.pipelines.lesions import LESION_GROUP, LesionMaps
 from neuro_ood.pipelines.reference import reference_scores, reference_slice_scores
@@ -106,22 +106,21 @@ def evaluate(run_dirs: str | Path | Sequence[str | Path], data_dir: str | Path, 
     per_run, failures = {}, []
     for label, loaded in zip(_labels(runs), runs):
         run_adapter = dataset_adapter(loaded.cfg)
-        prepared = prepare_items(run_adapter, source_list, cache_dir, console, f"preprocess ({label})")
-        failures = failures or prepared.failures
         keep = [i for i, subject in enumerate(loaded.reference["subjects"]) if subject in heldout]
         in_reference = set(loaded.reference["items"])  # subjects held out by only some runs are in trained_on
-        items = [i for i in prepared.items if i.key not in in_reference and i.group is not None
-                 and (not lesions or i.group == LESION_GROUP)]
+        detector = loaded.run.load_detector(loaded.cfg)
+        # lesion maps come from the scoring passes, judged against the masks as each scan is scored
+        lesion_maps = LesionMaps(scans) if lesions and detector.localises else None
+        scored = score_sources(detector, loaded.cfg, run_adapter, source_list, cache_dir, console,
+                               f"preprocess + score groups ({label})",
+                               keep=lambda i: (i.key not in in_reference and i.group is not None
+                                               and (not lesions or i.group == LESION_GROUP)),
+                               on_maps=lesion_maps, components=True)
+        failures = failures or scored.failures
+        items, scores, slice_scores = scored.items, scored.scores, scored.slice_scores
         if not items:
             raise CohortError(f"{data_dir}: nothing to evaluate — every item is in the runs' training splits "
                               f"or reference, or has no {'lesion' if lesions else adapter.group_by}")
-        detector = loaded.run.load_detector(loaded.cfg)
-        slice_scores: dict = {}
-        # lesion maps come from the scoring passes, only where a mask can judge them
-        lesion_maps = LesionMaps(items, scans) if lesions and detector.localises else None
-        scores = score_items(detector, items, console=console, description=f"score groups ({label})",
-                             slices=slice_scores, components=True,
-                             on_maps=lesion_maps if lesion_maps is not None and lesion_maps.wanted else None)
         members: dict[str, list[int]] = defaultdict(list)
         for index, item in enumerate(items):
             members[item.group].append(index)

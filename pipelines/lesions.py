@@ -37,47 +37,47 @@ def _summary(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], regions: S
 
 
 class LesionMaps:
-    """Collects the maps of the lesion ``items`` (whole volumes) whose scans (``scans``: item key
-    -> :class:`~neuro_ood.data.cohort.Scan`) have a mask, as a :func:`~neuro_ood.pipelines.common.score_items`
-    ``on_maps`` callback, so the maps come from the scoring passes; :meth:`metrics` then compares
-    them with the masks."""
+    """Voxel-level metrics of a localising detector's maps of lesion scans, and of intensity
+    thresholding on the same voxels. Used as the ``on_maps`` callback of
+    :func:`~neuro_ood.pipelines.common.score_sources`: each lesion item (a whole volume) whose scan
+    (``scans``: item key -> :class:`~neuro_ood.data.cohort.Scan`) has a mask is compared with it
+    as it is scored, so the maps come from the scoring passes; :meth:`metrics` sums up."""
 
-    def __init__(self, items: Sequence, scans: dict, foreground: float = 0.1):
-        self.items, self.scans, self.foreground = items, scans, foreground
-        self.wanted = {index for index, item in enumerate(items)
-                       if item.group == LESION_GROUP and item.box_to_scan is not None
-                       and getattr(scans.get(item.key), "lesion_mask", None) is not None}
-        self.heat: dict[int, np.ndarray] = {}
-        self.parts: dict[int, dict[str, np.ndarray]] = {}
+    def __init__(self, scans: dict, foreground: float = 0.1):
+        self.scans, self.foreground = scans, foreground
+        self.maps: list[np.ndarray] = []
+        self.masks: list[np.ndarray] = []
+        self.regions: list[np.ndarray] = []
+        self.bright: list[np.ndarray] = []
+        self.dark: list[np.ndarray] = []
+        self.parts: dict[str, list[np.ndarray]] = {}
 
-    def __call__(self, index: int, heat: np.ndarray, parts: dict[str, np.ndarray]) -> None:
-        if index in self.wanted:
-            self.heat[index] = heat[0]
-            self.parts[index] = {part: part_heat[0] for part, part_heat in parts.items()}
+    def __call__(self, item, heat: np.ndarray, parts: dict[str, np.ndarray]) -> None:
+        mask_path = getattr(self.scans.get(item.key), "lesion_mask", None)
+        if item.group != LESION_GROUP or item.box_to_scan is None or mask_path is None:
+            return
+        volume = item.slices[0, 0]
+        region = brain_region(volume, self.foreground)
+        baseline = intensity_baseline_maps(volume, region)
+        self.maps.append(heat[0])
+        self.masks.append(box_mask(mask_path, item))
+        self.regions.append(region)
+        self.bright.append(baseline["bright"])
+        self.dark.append(baseline["dark"])
+        for part, part_heat in parts.items():
+            self.parts.setdefault(part, []).append(part_heat[0])
 
     def metrics(self) -> dict[str, Any] | None:
-        """Voxel-level metrics of the collected maps and of intensity thresholding; None when no
-        item has a mask. Returns ``{"map": summary, "intensity_bright": summary, "intensity_dark":
-        summary}`` and, for a map with separable parts
-        (:meth:`~neuro_ood.detectors.base.Detector.maps_with_components`), ``"components": {part:
-        summary}``; each summary ``{"pooled", "per_scan", "n_scans"}``."""
-        if not self.heat:
+        """``{"map": summary, "intensity_bright": summary, "intensity_dark": summary}`` and, for a
+        map with separable parts (:meth:`~neuro_ood.detectors.base.Detector.maps_with_components`),
+        ``"components": {part: summary}``; each summary ``{"pooled", "per_scan", "n_scans"}``.
+        None when no scored item had a mask."""
+        if not self.maps:
             return None
-        maps, masks, regions, bright, dark, parts = [], [], [], [], [], {}
-        for index in sorted(self.heat):
-            item = self.items[index]
-            volume = item.slices[0, 0]
-            region = brain_region(volume, self.foreground)
-            maps.append(self.heat[index])
-            for part, part_heat in self.parts[index].items():
-                parts.setdefault(part, []).append(part_heat)
-            masks.append(box_mask(self.scans[item.key].lesion_mask, item))
-            regions.append(region)
-            baseline = intensity_baseline_maps(volume, region)
-            bright.append(baseline["bright"])
-            dark.append(baseline["dark"])
-        located = {"map": _summary(maps, masks, regions), "intensity_bright": _summary(bright, masks, regions),
-                   "intensity_dark": _summary(dark, masks, regions)}
-        if parts:
-            located["components"] = {part: _summary(heats, masks, regions) for part, heats in parts.items()}
+        located = {"map": _summary(self.maps, self.masks, self.regions),
+                   "intensity_bright": _summary(self.bright, self.masks, self.regions),
+                   "intensity_dark": _summary(self.dark, self.masks, self.regions)}
+        if self.parts:
+            located["components"] = {part: _summary(heats, self.masks, self.regions)
+                                     for part, heats in self.parts.items()}
         return located

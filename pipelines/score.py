@@ -10,7 +10,7 @@ import numpy as np
 from rich.console import Console
 
 from neuro_ood.errors import ConfigError, NeuroOODError
-from neuro_ood.pipelines.common import PreprocessStream, progress_bar, save_item_maps, score_items
+from neuro_ood.pipelines.common import save_item_maps, score_sources
 from neuro_ood.pipelines.datasets import dataset_adapter
 from neuro_ood.pipelines.domain import load_domain_model, site_verdicts
 from neuro_ood.pipelines.rundir import RunDir
@@ -136,46 +136,21 @@ def score_scans(run_dir: str | Path, paths: Sequence[str | Path], cache_dir: str
                     "cohort": identity(keys), "n_inputs": len(keys)}
         paths = [paths[i] for i in share(keys, shard)]
     sources, failures = sources_of_paths(adapter, paths)
-    normative = Normative.of_run(detector, reference, cfg)
-    domain_model = load_domain_model(run.path)
-    results: list[ScanResult] = []
     map_files: list[str] = []
-    map_name = _MapNames()
-    pending: list = []
+    on_maps = None
+    if maps_dir is not None:
+        map_name = _MapNames()
 
-    def score_pending() -> None:
-        on_maps = None
-        if maps_dir is not None:
-            names = [map_name(item.label) for item in pending]
-
-            def on_maps(index: int, heat: np.ndarray, _parts) -> None:
-                files = save_item_maps(Path(maps_dir), names[index], pending[index], heat,
-                                       cfg.preprocessing.spacing_mm, unit=detector.map_unit)
-                map_files.extend(str(f) for f in files)
-        scores = detector.group_view(score_items(detector, pending, console=quiet, on_maps=on_maps), None)
-        judged = normative.judge_all([item.label for item in pending], scores)
-        for result, site in zip(judged, site_verdicts(domain_model, reference, pending)):
-            result.site = site
-        results.extend(judged)
-        pending.clear()
-
-    quiet = Console(quiet=True)
-    with progress_bar(console) as progress:
-        task = progress.add_task("preprocess + score", total=len(sources))
-        stream = PreprocessStream(cfg, adapter, sources, cache_dir, workers)
-        try:
-            for source, arrays, reason in stream:
-                if reason is not None:
-                    failures.append((source.label, reason))
-                else:
-                    pending.extend(adapter.items(source, arrays))
-                # score as soon as the network would otherwise wait for preprocessing
-                if pending and (sum(len(item.slices) for item in pending) >= cfg.score.batch_slices
-                                or not stream.next_is_ready()):
-                    score_pending()
-                progress.advance(task)
-            if pending:
-                score_pending()
-        finally:
-            stream.close()
-    return ScoreReport(results=results, failures=failures, map_files=map_files, shard=manifest)
+        def on_maps(item, heat: np.ndarray, _parts) -> None:
+            files = save_item_maps(Path(maps_dir), map_name(item.label), item, heat, cfg.preprocessing.spacing_mm,
+                                   unit=detector.map_unit)
+            map_files.extend(str(f) for f in files)
+    scored = score_sources(detector, cfg, adapter, sources, cache_dir, console, "preprocess + score", workers,
+                           on_maps=on_maps)
+    if not scored.items:
+        return ScoreReport(results=[], failures=failures + scored.failures, shard=manifest)
+    scores = detector.group_view(scored.scores, None)
+    results = Normative.of_run(detector, reference, cfg).judge_all([item.label for item in scored.items], scores)
+    for result, site in zip(results, site_verdicts(load_domain_model(run.path), reference, scored.items)):
+        result.site = site
+    return ScoreReport(results=results, failures=failures + scored.failures, map_files=map_files, shard=manifest)

@@ -157,6 +157,34 @@ def test_preprocess_stream_gives_the_same_arrays_in_order_in_turn_or_ahead(tiny_
     assert first[-1][1] is None and "NaN" in first[-1][2]
 
 
+def test_score_sources_streams_kept_items_and_drops_their_slices(trained_run, tiny_cohort, tmp_path):
+    """``score_sources`` (score and evaluate): the items ``keep`` accepts, scored as
+    ``score_items`` scores them all at once, in order, their slices dropped once scored (the count
+    kept), each item's maps handed over while its slices are still there."""
+    from neuro_ood.pipelines.common import prepare_items, score_items, score_sources
+    from neuro_ood.pipelines.datasets import dataset_adapter
+    from neuro_ood.pipelines.rundir import RunDir
+
+    run = RunDir(trained_run)
+    cfg = run.load_config()
+    cfg.score.batch_slices = 4                      # chunks cut across scans
+    detector = run.load_detector(cfg)
+    adapter = dataset_adapter(cfg)
+    sources = adapter.sources(tiny_cohort)[:5]
+    wanted = {source.payload.key for source in sources[1::2]}
+    seen = []
+    scored = score_sources(detector, cfg, adapter, sources, tmp_path / "cache", keep=lambda i: i.key in wanted,
+                           on_maps=lambda item, heat, parts: seen.append((item.key, heat.shape, item.slices.shape)))
+    full = [i for i in prepare_items(adapter, sources, tmp_path / "cache").items if i.key in wanted]
+    expected = score_items(detector, full)
+    assert [i.key for i in scored.items] == [i.key for i in full] and len(full) == 2
+    assert [i.slices.shape for i in scored.items] == [(len(i.slices), 0) for i in full]
+    assert seen == [(i.key, (len(i.slices), *i.slices.shape[2:]), i.slices.shape) for i in full]
+    for name, values in expected.items():
+        np.testing.assert_allclose(scored.scores[name], values, rtol=1e-5)
+    assert len(next(iter(scored.slice_scores.values()))) == sum(len(i.slices) for i in full)
+
+
 @pytest.mark.parametrize("name", ["truncated.nii.gz", "corrupt.nii.gz", "slice2d.nii.gz", "series4d.nii.gz",
                                   "nan.nii.gz", "constant.nii.gz", "text.nii.gz"])
 def test_score_single_bad_file_exits_2_with_one_line(trained_run, tmp_path, name):
