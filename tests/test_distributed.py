@@ -1,4 +1,5 @@
-"""Distributed training (torch.distributed, ``gloo`` on the CPU) against a single process.
+"""Distributed training (torch.distributed: ``gloo`` on the CPU; ``nccl`` where two GPUs are
+there) against a single process.
 
 Two processes are started with ``torch.multiprocessing.spawn`` and torchrun's environment
 variables (so :func:`neuro_ood.trainer.distributed.launch` joins them exactly as under torchrun);
@@ -41,11 +42,22 @@ LOSS_RTOL = 1e-4
 STEPS, HALF = 6, 3
 
 OVERRIDES = ["model.channels=[4, 8]", "model.strides=[2]", "model.num_sigmas=4", "training.batch_size=4",
-             f"training.steps={STEPS}", f"training.checkpoint_every={HALF}", "training.device=cpu"]
+             f"training.steps={STEPS}", f"training.checkpoint_every={HALF}"]
+#: ``gloo`` on the CPU everywhere; ``nccl`` where two GPUs are there (one process per GPU).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="nccl needs two GPUs, one per process"))]
 
 
-def _config(steps: int = STEPS):
-    cfg = load_config("msma_quick", [*OVERRIDES, f"training.steps={steps}"])
+def _exact_float32() -> None:
+    """No TF32 and deterministic cuDNN on GPUs, so the float32 rounding argument above holds there too."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def _config(steps: int = STEPS, device: str = "cpu"):
+    cfg = load_config("msma_quick", [*OVERRIDES, f"training.steps={steps}", f"training.device={device}"])
     cfg.scorers = {"gmm": {"n_components": [1], "cv": 2, "n_jobs": 1}}
     return cfg
 
@@ -54,7 +66,7 @@ def _images() -> np.ndarray:
     return np.random.default_rng(0).random((12, 1, 8, 8), dtype=np.float32)
 
 
-def _fit(steps: int, checkpoint_dir: Path | None) -> tuple[dict[int, float], object]:
+def _fit(steps: int, checkpoint_dir: Path | None, device: str = "cpu") -> tuple[dict[int, float], object]:
     """Train; the losses reported per step ({step: loss}) and the detector."""
     losses: dict[int, float] = {}
 
@@ -62,7 +74,7 @@ def _fit(steps: int, checkpoint_dir: Path | None) -> tuple[dict[int, float], obj
         if stage == "train NCSN" and loss == loss:
             losses[done] = loss
 
-    detector = build_detector(_config(steps))
+    detector = build_detector(_config(steps, device))
     detector.fit(_images(), checkpoint_dir=checkpoint_dir, progress=progress)
     return losses, detector
 
@@ -73,11 +85,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, root: str) -> None:
+def _worker(rank: int, world: int, port: int, root: str, device: str) -> None:
     """One of ``world`` processes: the environment torchrun would give it, then three runs."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    if device == "cuda":
+        _exact_float32()
     root = Path(root)
     results: dict = {}
     saves = {"n": 0}
@@ -98,14 +112,14 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
         return dsm_loss(model, x, *args, **kwargs)
 
     step_module.dsm_loss = recording
-    with distributed.launch("cpu") as shard:
+    with distributed.launch(device) as shard:
         assert (shard.rank, shard.world) == (rank, world)
-        results["averaged"] = _check_averaging(rank)
+        results["averaged"] = _check_averaging(rank, distributed.rank_device(device))
         for name, steps in (("fresh", STEPS), ("resumed", STEPS), ("partial", HALF)):
             losses: dict[int, float] = {}
             left = False
             try:
-                losses, detector = _fit(steps, root / name)
+                losses, detector = _fit(steps, root / name, device)
                 results[name] = {"losses": losses, "step": detector.train_state.step,
                                  "scorers": sorted(detector.scorers)}
             except distributed.WorkerDone:
@@ -115,12 +129,12 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
     (root / f"rank{rank}.json").write_text(json.dumps(results))
 
 
-def _check_averaging(rank: int) -> list:
+def _check_averaging(rank: int, device: torch.device) -> list:
     """Gradients after :func:`average_gradients`: rank-dependent, on one rank only, on none."""
-    params = [torch.nn.Parameter(torch.zeros(3)) for _ in range(3)]
-    params[0].grad = torch.full((3,), float(rank + 1))
+    params = [torch.nn.Parameter(torch.zeros(3, device=device)) for _ in range(3)]
+    params[0].grad = torch.full((3,), float(rank + 1), device=device)
     if rank == 1:
-        params[1].grad = torch.full((3,), 4.0)
+        params[1].grad = torch.full((3,), 4.0, device=device)
     distributed.average_gradients(params)
     return [None if p.grad is None else p.grad.tolist() for p in params]
 
@@ -132,14 +146,17 @@ def _close(a: dict, b: dict, steps) -> float:
     return max(diffs)
 
 
-def test_two_gloo_processes_train_like_one_and_resume_with_any_number(tmp_path):
-    reference, _ = _fit(STEPS, tmp_path / "reference")
-    _fit(HALF, tmp_path / "half")                 # 1 process to step 3; 2 processes go on from a copy
+@pytest.mark.parametrize("device", DEVICES)
+def test_two_processes_train_like_one_and_resume_with_any_number(tmp_path, device):
+    if device == "cuda":
+        _exact_float32()
+    reference, _ = _fit(STEPS, tmp_path / "reference", device)
+    _fit(HALF, tmp_path / "half", device)         # 1 process to step 3; 2 processes go on from a copy
     shutil.copytree(tmp_path / "half", tmp_path / "resumed")
     # a resumed run reseeds its generator at the step it resumes from (seed + 3), so a resumed
     # trajectory is compared with one process resuming the same checkpoint
-    reference_resumed, _ = _fit(STEPS, tmp_path / "half")
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    reference_resumed, _ = _fit(STEPS, tmp_path / "half", device)
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), device), nprocs=2, join=True)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     main, other = ranks
     losses = {name: {int(k): v for k, v in main[name]["losses"].items()} for name in ("fresh", "resumed", "partial")}
@@ -160,7 +177,7 @@ def test_two_gloo_processes_train_like_one_and_resume_with_any_number(tmp_path):
         "model.json", "model.safetensors", "train_state.pt"]
 
     # a 2-process checkpoint at step 3, resumed by 1 process
-    resumed, detector = _fit(STEPS, tmp_path / "partial")
+    resumed, detector = _fit(STEPS, tmp_path / "partial", device)
     assert detector.train_state.step == STEPS and sorted(resumed) == [4, 5, 6]
     _close(resumed, reference_resumed, range(HALF + 1, STEPS + 1))
 
