@@ -6,7 +6,7 @@ score ``voxel_tail`` too, so the former path computed it twice).
 The network is untrained (timing does not depend on its weights); the scorers and the voxel
 model are fitted on the same synthetic 2 mm volumes.
 
-    .venv/bin/python benchmarks/score_maps.py [--scans 6] [--threads 1]
+    .venv/bin/python benchmarks/score_maps.py [--scans 6] [--threads 1] [--device cuda]
 """
 
 import argparse
@@ -26,21 +26,23 @@ from neuro_ood.pipelines.common import score_items
 from neuro_ood.pipelines.datasets import dataset_adapter
 
 OVERRIDES = ["scorers.gmm={n_components: [1, 2], cv: 2, n_jobs: 1}", "scorers.maf={epochs: 5}",
-             "scorers.knn={n_neighbors: 3}", "training.device=cpu"]
+             "scorers.knn={n_neighbors: 3}"]
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--scans", type=int, default=6)
+    parser.add_argument("--scans", type=int, default=6, help="volumes (at least 4: the scorers are fitted on them)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="where the network runs (cpu, cuda, cuda:1, ...)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = load_config("msma3d_quick", OVERRIDES)
+    cfg = load_config("msma3d_quick", OVERRIDES + [f"training.device={args.device}"])
     adapter = dataset_adapter(cfg)
     quiet = Console(quiet=True)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; msma3d_quick network and normative "
-          f"voxel model (search radius {cfg.msma.voxel_search}), {args.scans} synthetic 2 mm volumes")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, network on {args.device}; "
+          f"msma3d_quick network and normative voxel model (search radius {cfg.msma.voxel_search}), "
+          f"{args.scans} synthetic 2 mm volumes")
     with tempfile.TemporaryDirectory() as tmp:
         rng = np.random.default_rng(0)
         paths = []

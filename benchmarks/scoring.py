@@ -13,9 +13,12 @@
 - the network part's FLOP/s (FLOPs of convolutions and matrix products counted by
   ``torch.utils.flop_counter.FlopCounterMode``, 2 per multiply-add) against a 2048² float32 matmul
   timed here;
-- peak resident memory (``ru_maxrss``).
+- peak resident memory (``ru_maxrss``) and, on a GPU, peak GPU memory.
 
-    .venv/bin/python benchmarks/scoring.py [--scans 24] [--threads 1]
+    .venv/bin/python benchmarks/scoring.py [--scans 24] [--threads 1] [--device cuda]
+
+``--device`` puts the network (and the matmul it is measured against) on that device, for every
+figure; preprocessing and the scorers stay on the CPU.
 """
 
 import argparse
@@ -42,27 +45,29 @@ from neuro_ood.trainer.steps import dsm_step_fn
 from neuro_ood.trainer.loop import optimization_manager, sample_rows
 
 SCORERS = ["scorers.gmm={n_components: [1, 2, 3], cv: 3, n_jobs: 1}", "scorers.maf={epochs: 20}",
-           "scorers.knn={n_neighbors: 5}", "training.device=cpu"]
+           "scorers.knn={n_neighbors: 5}"]
 
 
 @torch.no_grad()
 def naive_loop(network, items, sigmas):
     """One network call per scan and noise level: ``(n_scans, L)`` mean slice norms."""
+    device = next(network.parameters()).device
+    sigmas = sigmas.to(device)
     rows = []
     for item in items:
-        x = torch.as_tensor(item.slices)
+        x = torch.as_tensor(item.slices).to(device)
         rows.append([(s * network(x, s.repeat(len(x)))).flatten(1).norm(dim=1).mean().item() for s in sigmas])
     return np.array(rows)
 
 
-def end_to_end_seconds(tmp: Path, paths, workers: int) -> float:
+def end_to_end_seconds(tmp: Path, paths, workers: int, device: str) -> float:
     """Wall time of ``score_scans`` on ``paths`` with a run trained for two steps on a small
     synthetic cohort (trained once, in ``tmp``), through a cache of its own (all preprocessing
     timed), after one warm-up scan."""
     run = tmp / "run"
     if not run.is_dir():
         cohort = write_synthetic_cohort(tmp / "cohort", n_inliers=16, ages=(1,), per_age=1, seed=1)
-        cfg = load_config("msma_quick", SCORERS + ["training.steps=2"])
+        cfg = load_config("msma_quick", SCORERS + ["training.steps=2", f"training.device={device}"])
         train(cfg, cohort, run, cache_dir=tmp / "train-cache", console=Console(quiet=True))
     quiet = Console(quiet=True)
     score_scans(run, paths[:1], cache_dir=tmp / "warm-up-cache", console=quiet, workers=workers)
@@ -73,22 +78,31 @@ def end_to_end_seconds(tmp: Path, paths, workers: int) -> float:
     return seconds
 
 
-def matmul_flops(n: int = 2048) -> float:
-    a, b = torch.rand(n, n), torch.rand(n, n)
-    return 2 * n ** 3 / best_of(lambda: torch.mm(a, b), repeats=3)
+def matmul_flops(device: torch.device, n: int = 2048) -> float:
+    """FLOP/s of an ``n`` × ``n`` float32 matmul on ``device`` (as torch runs it there: TF32 where
+    torch allows it on the GPU, as for the network)."""
+    a, b = torch.rand(n, n, device=device), torch.rand(n, n, device=device)
+
+    def product():
+        torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize()   # kernels run asynchronously: time them to the end
+    return 2 * n ** 3 / best_of(product, repeats=3)
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--scans", type=int, default=24)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="where the network runs (cpu, cuda, cuda:1, ...)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = load_config("msma_quick", SCORERS)
+    cfg = load_config("msma_quick", SCORERS + [f"training.device={args.device}"])
     adapter = dataset_adapter(cfg)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; msma_quick network, "
-          f"{args.scans} synthetic 2 mm scans")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, network on {args.device}"
+          f"{' (' + torch.cuda.get_device_name(args.device) + ')' if args.device.startswith('cuda') else ''}; "
+          f"msma_quick network, {args.scans} synthetic 2 mm scans")
     with tempfile.TemporaryDirectory() as tmp:
         rng = np.random.default_rng(0)
         paths = []
@@ -108,8 +122,8 @@ def main():
         slices = np.concatenate([item.slices for item in items])
         detector.fit_scorers(detector.features(slices), None, None)
 
-        turn_s = end_to_end_seconds(Path(tmp), paths, workers=0)
-        end_to_end_s = end_to_end_seconds(Path(tmp), paths, workers=1)
+        turn_s = end_to_end_seconds(Path(tmp), paths, 0, args.device)
+        end_to_end_s = end_to_end_seconds(Path(tmp), paths, 1, args.device)
 
         network, sigmas = detector.scoring_network, detector.sigmas
         batch = cfg.training.feature_batch_size
@@ -134,7 +148,7 @@ def main():
             with FlopCounterMode(display=False) as counter:
                 score_norms(network, slices, sigmas, batch_size=batch)
         flops = counter.get_total_flops()
-        peak_matmul = matmul_flops()
+        peak_matmul = matmul_flops(torch.device(args.device))
 
         train_net = detector.network
         optimizer = torch.optim.Adam(train_net.parameters(), lr=cfg.training.lr)
@@ -167,6 +181,8 @@ def main():
               f"(target >= 50%: {'met' if achieved >= 0.5 * peak_matmul else 'not met'})")
     print(f"training: {1 / step_s:.2f} DSM steps/s at batch {cfg.training.batch_size} ({step_s:.2f} s a step)")
     print(f"peak resident memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    if torch.device(args.device).type == "cuda":
+        print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2 ** 20:.0f} MiB")
 
 
 if __name__ == "__main__":
