@@ -396,13 +396,20 @@ def report(cohort_inputs: Sequence[str | Path], run_dirs: Sequence[str | Path], 
                     return
                 per_source = [run.adapter.items(source, arrays) for source, arrays in pending]
                 flat = [item for items in per_source for item in items]
-                scores = score_items(run.detector, flat, console=quiet) if flat else {}
+                # maps made by the scoring passes: those due now are written now, not made again later
+                heats: dict[int, np.ndarray] = {}
+                keep_maps = run.localises and (maps == "all" or run.detector.maps_with_scores)
+                on_maps = (lambda index, heat, _parts: heats.__setitem__(index, heat)) if keep_maps else None
+                scores = score_items(run.detector, flat, console=quiet, on_maps=on_maps) if flat else {}
                 position = 0
                 for (source, arrays), items in zip(pending, per_source):
                     item_scores = [{name: float(values[position + k]) for name, values in scores.items()}
                                    for k in range(len(items))]
-                    position += len(items)
                     entry = _entry(arrays, item_scores)
+                    if heats:
+                        _maps_with_scores(run, out, maps, cohort.display(source), source, digests[id(source)],
+                                          entry, items, item_scores, [heats[position + k] for k in range(len(items))])
+                    position += len(items)
                     run.cache.save(digests[id(source)], entry)
                     run.entries[digests[id(source)]] = entry
                     run.scored += 1
@@ -620,6 +627,42 @@ def select_thumbnails(scans: Sequence[dict[str, Any]], sample: int, show: Sequen
     return shown + chosen, omitted
 
 
+def _maps_dir(out: Path, run: ReportRun) -> Path:
+    return out / "maps" / re.sub(r"[^A-Za-z0-9_.-]", "_", run.label)
+
+
+def _save_planes(plane_file: Path, slices: np.ndarray, heat: np.ndarray | None) -> None:
+    """A thumbnail's mid-planes of ``slices (S, C, *spatial)``'s first channel and of its map."""
+    stored = {f"image{k}": p for k, p in enumerate(report_html.mid_planes(slices[:, 0]))}
+    if heat is not None:
+        stored.update({f"map{k}": p for k, p in enumerate(report_html.mid_planes(heat))})
+    save_arrays(plane_file, {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in stored.items()})
+
+
+def _save_nifti_maps(run: ReportRun, out: Path, path: str, item: Item, heat: np.ndarray) -> list[str]:
+    """The item's NIfTI map under ``out/maps/<run>/``, named after its path in the cohort; the
+    files relative to ``out``."""
+    name = path.replace("/", "_").replace(" ", "_")
+    files = save_item_maps(_maps_dir(out, run), name, item, heat, run.cfg.preprocessing.spacing_mm, png=False)
+    return [f.relative_to(out).as_posix() for f in files]
+
+
+def _maps_with_scores(run: ReportRun, out: Path, maps: str, display: str, source: Source, digest: str,
+                      entry: dict[str, Any], items: Sequence[Item], item_scores: Sequence[dict[str, float]],
+                      heats: Sequence[np.ndarray]) -> None:
+    """Right after scoring, with the maps of the scoring passes: the NIfTI maps due (every item's
+    with ``maps="all"``, a flagged one's with ``"flagged"``, recorded in ``entry``) and a flagged
+    item's thumbnail planes, so that :func:`_maps_and_planes` makes no map again for them."""
+    for index, (item, values, heat) in enumerate(zip(items, item_scores, heats)):
+        viewed = run.detector.group_view({name: np.array([value]) for name, value in values.items()}, None)
+        path = display + item.label[len(source.label):]
+        flagged = run.normative.judge(path, {name: v[0] for name, v in viewed.items()}).flagged
+        if flagged:
+            _save_planes(run.cache.planes_path(digest, index), item.slices, heat)
+        if maps == "all" or (maps == "flagged" and flagged):
+            entry.setdefault("maps", {})[str(index)] = _save_nifti_maps(run, out, path, item, heat)
+
+
 def _maps_and_planes(runs: Sequence[ReportRun], rows: Sequence[_Row], selected: set[str], out: Path, maps: str,
                      cache_dir, progress, console) -> dict[str, dict[str, dict[str, np.ndarray]]]:
     """Write the NIfTI anomaly maps that are due, and return the thumbnails' mid-planes as
@@ -635,7 +678,6 @@ def _maps_and_planes(runs: Sequence[ReportRun], rows: Sequence[_Row], selected: 
         task = progress.add_task(f"maps ({run.label})" if run.localises else "thumbnails", total=len(todo))
         preprocessed_cache = PreprocessedCache(cache_root, run.adapter.fingerprint)
         arrays_of: dict[str, list[Item]] = {}
-        maps_dir = out / "maps" / re.sub(r"[^A-Za-z0-9_.-]", "_", run.label)
         for row in todo:
             index, _ = row.items[run.label]
             entry = run.entries[row.digest]
@@ -654,15 +696,9 @@ def _maps_and_planes(runs: Sequence[ReportRun], rows: Sequence[_Row], selected: 
                 with torch.inference_mode():
                     heat = run.detector.maps(slices) if run.localises else None
                 if want_planes:
-                    stored = {f"image{k}": p for k, p in enumerate(report_html.mid_planes(slices[:, 0]))}
-                    if heat is not None:
-                        stored.update({f"map{k}": p for k, p in enumerate(report_html.mid_planes(heat))})
-                    save_arrays(plane_file, {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in stored.items()})
+                    _save_planes(plane_file, slices, heat)
                 if want_nifti and heat is not None:
-                    name = row.path.replace("/", "_").replace(" ", "_")
-                    files = save_item_maps(maps_dir, name, arrays_of[row.digest][index], heat,
-                                           run.cfg.preprocessing.spacing_mm, png=False)
-                    done = [f.relative_to(out).as_posix() for f in files]
+                    done = _save_nifti_maps(run, out, row.path, arrays_of[row.digest][index], heat)
                     entry.setdefault("maps", {})[str(index)] = done
                     run.cache.save(row.digest, entry)
             if done:

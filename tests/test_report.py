@@ -173,6 +173,32 @@ def test_interrupted_report_loses_nothing_and_scores_nothing_twice(runs, cohort,
     assert again.runs["msma"] == {"scored": 0, "reused": n}
 
 
+def test_report_writes_the_due_maps_from_the_scoring_passes(runs, cohort, tmp_path, monkeypatch):
+    """An MSMA run's maps come out of the passes that score: with ``--maps all`` every scan's NIfTI
+    map (and each flagged scan's thumbnail) is written as it is scored, and a map is made again only
+    for the unflagged scans sampled as thumbnails; the maps equal ``score --maps``'s."""
+    from neuro_ood.detectors.msma import MSMADetector
+    from neuro_ood.pipelines.report import report
+
+    calls = []
+    maps = MSMADetector.maps
+    monkeypatch.setattr(MSMADetector, "maps", lambda self, x: calls.append(len(x)) or maps(self, x))
+    out = tmp_path / "out"
+    report([cohort], [runs / "msma"], out, maps="all", sample=2, cache_dir=tmp_path / "cache")
+    rows = _csv(out / "scores.csv")
+    assert len(list((out / "maps" / "msma").glob("*_anomaly_map.nii.gz"))) == len(rows)
+    unflagged = sum(r["msma.flagged"] != "true" for r in rows)
+    assert 0 < unflagged < len(rows) and len(calls) == min(2, unflagged)
+    monkeypatch.setattr(MSMADetector, "maps", maps)
+    for row in (next(r for r in rows if r["msma.flagged"] == "true"), rows[0]):
+        result = invoke("score", cohort / row["path"], "--run", runs / "msma", "--maps", tmp_path / row["subject"])
+        assert result.exit_code == 0, result.output
+        single = nib.load(next((tmp_path / row["subject"]).glob("*_anomaly_map.nii.gz"))).get_fdata()
+        stem = row["path"].replace("/", "_").removesuffix(".nii.gz")
+        written = nib.load(out / "maps" / "msma" / f"{stem}_anomaly_map.nii.gz").get_fdata()
+        np.testing.assert_allclose(written, single, rtol=1e-5, atol=1e-6)
+
+
 def test_report_of_files_and_bad_arguments(runs, cohort, tmp_path):
     scans = sorted(cohort.glob("sub-000[3-5]/anat/*_T1w.nii.gz"))
     result = invoke("report", *scans, "--run", runs / "msma", "--out", tmp_path / "files", "--maps", "none")

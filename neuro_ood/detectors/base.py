@@ -102,6 +102,9 @@ class Detector:
     localises: ClassVar[bool] = False
     #: What a value of :meth:`maps` measures, for figure labels ("" where the method does not localise).
     map_unit: ClassVar[str] = ""
+    #: True where :meth:`score_and_maps` costs about what :meth:`score_samples` does (the maps come
+    #: out of the scoring passes), so a pipeline may keep every map it might need while scoring.
+    maps_with_scores: ClassVar[bool] = False
     needs_outliers: ClassVar[bool] = False
     #: False for a detector with no network to train (the simple baseline): no weights, no training state.
     has_network: ClassVar[bool] = True

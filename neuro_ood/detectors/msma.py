@@ -37,6 +37,7 @@ class MSMADetector(FeatureScorerDetector):
 
     method = "msma"
     localises = True
+    maps_with_scores = True
 
     def __init__(self, cfg, device=None):
         super().__init__(cfg, device)
