@@ -166,8 +166,9 @@ def score(
     maps: Optional[Path] = typer.Option(None, "--maps", help="Write voxel-level anomaly maps (NIfTI + PNG) "
                                                               "here (MSMA and f-AnoGAN runs)."),
     shard: Optional[str] = ShardOption,
-    workers: int = typer.Option(1, "--workers", help="Processes preprocessing scans ahead while the network "
-                                                     "scores (1: a background thread; 0: none, in turn)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Processes preprocessing scans ahead while the "
+                                           "network scores (1: a background thread; 0: none, in turn; default: "
+                                           "a thread for slice models, in turn for whole-volume ones)."),
     cache_dir: Optional[Path] = CacheOption,
 ):
     """Score scans against a run's normative reference: score, percentile and flag per scorer."""
@@ -175,7 +176,7 @@ def score(
     from neuro_ood.pipelines.shards import parse_shard
     from neuro_ood.report import scores_table
 
-    if workers < 0:
+    if workers is not None and workers < 0:
         fail(f"--workers {workers}: needs 0 or more")
     report = score_scans(run, scans, cache_dir=cache_dir, console=err_console, maps_dir=maps,
                          shard=parse_shard(shard), workers=workers)
@@ -202,8 +203,9 @@ def report(
     runs: List[Path] = typer.Option(..., "--run", help="Run directory; repeat for several runs side by side."),
     out: Path = typer.Option(..., "--out", help="Folder for report.html, report.json, scores.csv and maps/ "
                                                 "(run again to resume)."),
-    workers: int = typer.Option(1, "--workers", help="Processes preprocessing scans ahead while the network "
-                                                     "scores (1: a background thread; 0: none, in turn)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Processes preprocessing scans ahead while the "
+                                           "network scores (1: a background thread; 0: none, in turn; default: "
+                                           "a thread for slice models, in turn for whole-volume ones)."),
     maps: str = typer.Option("flagged", "--maps", help="Anomaly maps as NIfTI (MSMA, f-AnoGAN): flagged, all "
                                                        "or none."),
     sample: int = typer.Option(12, "--sample", help="Unflagged scans shown as thumbnails besides the flagged."),
@@ -218,7 +220,7 @@ def report(
     from neuro_ood.pipelines.report import report as run_report
     from neuro_ood.pipelines.shards import parse_shard
 
-    if workers < 0:
+    if workers is not None and workers < 0:
         fail(f"--workers {workers}: needs 0 or more")
     if sample < 0:
         fail(f"--sample {sample}: needs 0 or more")

@@ -107,6 +107,17 @@ def _preprocess_in_worker(source: Source):
     return preprocess_source(_WORKER["adapter"], _WORKER["cache"], source)
 
 
+def default_workers(cfg) -> int:
+    """How scans are preprocessed by default (:class:`PreprocessStream`'s ``workers``): ahead in a
+    background thread (1) for slice models, where preprocessing takes longer than the network
+    (2-D ``score`` end to end 1.36x faster on 2 cores, benchmarks/scoring.py); in turn (0) for
+    whole-volume models, where the network and its voxel search keep both cores busy and a
+    preprocessing thread beside them only slows them (``report`` of 34 volumes on 2 cores: scoring
+    62-66 s in turn, 179 s beside the thread, 87-106 s with that thread's torch limited to one
+    thread, which in turn takes the 2-D gain away)."""
+    return 0 if cfg.preprocessing.preset == "t1_volume" else 1
+
+
 class PreprocessStream:
     """``(source, arrays, reason)`` per source of ``sources``, in order, when iterated, through the
     preprocessing cache of ``cfg``'s ``adapter``.
@@ -116,11 +127,13 @@ class PreprocessStream:
     meanwhile (the network): ``workers`` = 1 in one background thread (file reading, resampling and
     torch release the GIL for their heavy parts), more in that many processes (each starts by
     importing the libraries, a few seconds: worth it for large cohorts). ``workers`` = 0: in the
-    consumer's thread, in turn with it. :meth:`close` (or leaving the iteration) ends the workers.
+    consumer's thread, in turn with it. ``None``: :func:`default_workers`. :meth:`close` (or
+    leaving the iteration) ends the workers.
     """
 
-    def __init__(self, cfg, adapter, sources: Sequence[Source], cache_dir: str | Path | None, workers: int = 1,
-                 ahead: int = 2):
+    def __init__(self, cfg, adapter, sources: Sequence[Source], cache_dir: str | Path | None,
+                 workers: int | None = None, ahead: int = 2):
+        workers = default_workers(cfg) if workers is None else workers
         self.sources, self.workers, self.ahead = list(sources), max(0, workers), max(1, ahead)
         cache_root = Path(cache_dir or default_cache_dir())
         self._queue: deque = deque()
@@ -260,7 +273,8 @@ ItemMapsCallback = Callable[[Item, np.ndarray, dict], None]
 
 
 def score_sources(detector, cfg, adapter, sources: Sequence[Source], cache_dir: str | Path | None = None,
-                  console: Console | None = None, description: str = "preprocess + score", workers: int = 1,
+                  console: Console | None = None, description: str = "preprocess + score",
+                  workers: int | None = None,
                   keep: Callable[[Item], bool] | None = None, on_maps: ItemMapsCallback | None = None,
                   components: bool = False) -> ScoredItems:
     """Preprocess ``sources`` and score their items (those ``keep`` accepts) with ``detector``,

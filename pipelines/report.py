@@ -292,7 +292,7 @@ def _finite(value: Any) -> Any:
 
 
 def report(cohort_inputs: Sequence[str | Path], run_dirs: Sequence[str | Path], out: str | Path,
-           cache_dir: str | Path | None = None, console: Console | None = None, workers: int = 1,
+           cache_dir: str | Path | None = None, console: Console | None = None, workers: int | None = None,
            maps: str = "flagged", sample: int = 12, show: Sequence[str] = (), skip_trained: bool = False,
            max_thumbnails: int = report_html.MAX_THUMBNAILS, stop_after: int | None = None,
            shard: Shard | None = None, merged: "Merged | None" = None) -> ReportSummary:
@@ -317,7 +317,7 @@ def report(cohort_inputs: Sequence[str | Path], run_dirs: Sequence[str | Path], 
         raise ConfigError(f"--out {out} is a file; name a folder for the report")
     if maps not in MAPS_CHOICES:
         raise ConfigError(f"--maps {maps!r}: choose one of {', '.join(MAPS_CHOICES)}")
-    if workers < 0:
+    if workers is not None and workers < 0:
         raise ConfigError(f"--workers {workers}: needs 0 or more")
     runs = load_runs(run_dirs, out)
     first = runs[0]
@@ -549,7 +549,7 @@ def _report_dict(cohort: Cohort, runs: Sequence[ReportRun], rows: Sequence[_Row]
         command += ["--show", pattern]
     if skip_trained:
         command.append("--skip-trained")
-    if workers != 1:
+    if workers is not None:
         command += ["--workers", str(workers)]
     first = runs[0]
     return {

@@ -155,6 +155,8 @@ def test_preprocess_stream_gives_the_same_arrays_in_order_in_turn_or_ahead(tiny_
         if a is not None:
             np.testing.assert_array_equal(a["slices"], b["slices"])
     assert first[-1][1] is None and "NaN" in first[-1][2]
+    from neuro_ood.pipelines.common import default_workers
+    assert default_workers(cfg) == 1 and default_workers(load_config("msma3d_quick")) == 0
 
 
 def test_score_sources_streams_kept_items_and_drops_their_slices(trained_run, tiny_cohort, tmp_path):
