@@ -9,7 +9,6 @@ model are fitted on the same synthetic 2 mm volumes.
     .venv/bin/python benchmarks/score_maps.py [--scans 6] [--threads 1] [--device cuda]
 """
 
-import argparse
 import resource
 import tempfile
 from pathlib import Path
@@ -17,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
+from _setup import parse_arguments, write_scans
 from _timing import best_of, report
 
 from neuro_ood.config import load_config
-from neuro_ood.data.synthetic import synthesize_t1
 from neuro_ood.detectors.msma import MSMADetector
 from neuro_ood.pipelines.common import score_items
 from neuro_ood.pipelines.datasets import dataset_adapter
@@ -30,13 +29,7 @@ OVERRIDES = ["scorers.gmm={n_components: [1, 2], cv: 2, n_jobs: 1}", "scorers.ma
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--scans", type=int, default=6, help="volumes (at least 4: the scorers are fitted on them)")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--device", default="cpu", help="where the network runs (cpu, cuda, cuda:1, ...)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_arguments(6, "volumes (at least 4: the scorers are fitted on them)")
     cfg = load_config("msma3d_quick", OVERRIDES + [f"training.device={args.device}"])
     adapter = dataset_adapter(cfg)
     quiet = Console(quiet=True)
@@ -44,12 +37,7 @@ def main():
           f"msma3d_quick network and normative voxel model (search radius {cfg.msma.voxel_search}), "
           f"{args.scans} synthetic 2 mm volumes")
     with tempfile.TemporaryDirectory() as tmp:
-        rng = np.random.default_rng(0)
-        paths = []
-        for index in range(args.scans):
-            path = Path(tmp) / f"sub-{index:03d}_T1w.nii.gz"
-            synthesize_t1(float(rng.uniform(9, 11)), rng).to_filename(path)
-            paths.append(path)
+        paths = write_scans(Path(tmp), args.scans)
         items = [item for source in adapter.sources_from_paths(paths)
                  for item in adapter.items(source, adapter.preprocess(source))]
     volumes = np.concatenate([item.slices for item in items])

@@ -21,7 +21,6 @@
 figure; preprocessing and the scorers stay on the CPU.
 """
 
-import argparse
 import resource
 import tempfile
 import time
@@ -30,11 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
+from _setup import parse_arguments, write_scans
 from _timing import best_of
 from torch.utils.flop_counter import FlopCounterMode
 
 from neuro_ood.config import load_config
-from neuro_ood.data.synthetic import synthesize_t1, write_synthetic_cohort
+from neuro_ood.data.synthetic import write_synthetic_cohort
 from neuro_ood.detectors.msma import MSMADetector
 from neuro_ood.features import score_norms
 from neuro_ood.inference import inference_network
@@ -91,25 +91,14 @@ def matmul_flops(device: torch.device, n: int = 2048) -> float:
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--scans", type=int, default=24)
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--device", default="cpu", help="where the network runs (cpu, cuda, cuda:1, ...)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_arguments(24)
     cfg = load_config("msma_quick", SCORERS + [f"training.device={args.device}"])
     adapter = dataset_adapter(cfg)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, network on {args.device}"
           f"{' (' + torch.cuda.get_device_name(args.device) + ')' if args.device.startswith('cuda') else ''}; "
           f"msma_quick network, {args.scans} synthetic 2 mm scans")
     with tempfile.TemporaryDirectory() as tmp:
-        rng = np.random.default_rng(0)
-        paths = []
-        for index in range(args.scans):
-            path = Path(tmp) / f"sub-{index:03d}_T1w.nii.gz"
-            synthesize_t1(float(rng.uniform(9, 11)), rng).to_filename(path)
-            paths.append(path)
+        paths = write_scans(Path(tmp), args.scans)
         sources = adapter.sources_from_paths(paths)
         detector = MSMADetector(cfg)
         items = [item for source in sources[:2] for item in adapter.items(source, adapter.preprocess(source))]
