@@ -25,6 +25,9 @@ CacheOption = typer.Option(None, "--cache-dir", help="Preprocessed-tensor cache 
                                                       "or ~/.cache/neuro-ood).")
 ShardOption = typer.Option(None, "--shard", help="I/N: score only the I-th of N deterministic shares of the inputs "
                                                  "(numbered from 1, like SLURM_ARRAY_TASK_ID with --array=1-N).")
+WorkersOption = typer.Option(None, "--workers", help="Processes preprocessing scans ahead while the network scores "
+                                                     "(1: a background thread; 0: none, in turn; default: a thread "
+                                                     "for slice models, in turn for whole-volume ones).")
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -166,9 +169,7 @@ def score(
     maps: Optional[Path] = typer.Option(None, "--maps", help="Write voxel-level anomaly maps (NIfTI + PNG) "
                                                               "here (MSMA and f-AnoGAN runs)."),
     shard: Optional[str] = ShardOption,
-    workers: Optional[int] = typer.Option(None, "--workers", help="Processes preprocessing scans ahead while the "
-                                           "network scores (1: a background thread; 0: none, in turn; default: "
-                                           "a thread for slice models, in turn for whole-volume ones)."),
+    workers: Optional[int] = WorkersOption,
     cache_dir: Optional[Path] = CacheOption,
 ):
     """Score scans against a run's normative reference: score, percentile and flag per scorer."""
@@ -203,9 +204,7 @@ def report(
     runs: List[Path] = typer.Option(..., "--run", help="Run directory; repeat for several runs side by side."),
     out: Path = typer.Option(..., "--out", help="Folder for report.html, report.json, scores.csv and maps/ "
                                                 "(run again to resume)."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Processes preprocessing scans ahead while the "
-                                           "network scores (1: a background thread; 0: none, in turn; default: "
-                                           "a thread for slice models, in turn for whole-volume ones)."),
+    workers: Optional[int] = WorkersOption,
     maps: str = typer.Option("flagged", "--maps", help="Anomaly maps as NIfTI (MSMA, f-AnoGAN): flagged, all "
                                                        "or none."),
     sample: int = typer.Option(12, "--sample", help="Unflagged scans shown as thumbnails besides the flagged."),

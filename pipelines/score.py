@@ -111,12 +111,13 @@ def score_scans(run_dir: str | Path, paths: Sequence[str | Path], cache_dir: str
                 shard: Shard | None = None, workers: int | None = None) -> ScoreReport:
     """Score each input with every score of the run's method; bad inputs are reported, not fatal.
 
-    The inputs stream through: each is preprocessed (through the cache) while the network scores
-    the ones before it (:class:`~neuro_ood.pipelines.common.PreprocessStream`: ``workers`` > 1
-    processes, 1 a background thread, 0 in turn, None the model's default), and the network takes what is ready, at most
-    ``score.batch_slices`` slices at a time, so memory holds a chunk of scans, not the cohort. With ``maps_dir``, methods that localise (MSMA: per-pixel score
-    norms or its voxel model; f-AnoGAN: residuals) also write each item's anomaly map there as
-    NIfTI and PNG, from the scoring passes. With ``shard``, only that share of ``paths`` (sorted by
+    The inputs stream through :func:`~neuro_ood.pipelines.common.score_sources`: each is
+    preprocessed (through the cache; ``workers``: see
+    :class:`~neuro_ood.pipelines.common.PreprocessStream`, None the model's default) while the
+    network scores the ones before it, at most ``score.batch_slices`` slices at a time, so memory
+    holds a chunk of scans, not the cohort. With ``maps_dir``, methods that localise (MSMA:
+    per-pixel score norms or its voxel model; f-AnoGAN: residuals) also write each item's anomaly
+    map there as NIfTI and PNG, from the scoring passes. With ``shard``, only that share of ``paths`` (sorted by
     path as given; :mod:`neuro_ood.pipelines.shards`) is scored.
     """
     console = console or Console(stderr=True)

@@ -12,7 +12,7 @@ import torch
 from neuro_ood.detectors.base import Progress, _no_progress, to_tensor
 from neuro_ood.detectors.featured import FeatureScorerDetector
 from neuro_ood.features import (features_of_scaled, local_score_features, scaled_scores, score_feature_size,
-                                score_norms, voxel_feature_maps)
+                                voxel_feature_maps)
 from neuro_ood.inference import inference_network
 from neuro_ood.io import load_arrays, read_json, save_arrays, write_json
 from neuro_ood.localisation import brain_region
@@ -313,9 +313,7 @@ class MSMADetector(FeatureScorerDetector):
 
     def maps(self, x: np.ndarray) -> np.ndarray:
         """``x (N, C, *spatial)`` -> ``(N, *spatial)`` float32, higher = more atypical."""
-        if self.voxel_scorer is not None or self.location_model is not None:
+        if self._has_voxel_model:
             return np.concatenate([self._voxel_map(x[i:i + 1])[0] for i in range(len(x))]) \
                 if len(x) else np.zeros((0, *np.shape(x)[2:]), np.float32)
-        _, per_level = score_norms(self.scoring_network, x, self.sigmas,
-                                   batch_size=self.cfg.training.feature_batch_size, return_maps=True)
-        return np.sqrt((per_level ** 2).sum(axis=1))
+        return self._pass(x, want_norm_map=True)[2]
